@@ -1,0 +1,52 @@
+"""TensorFlow's fused batch-norm kernel, wrapped to match `kerasbn.ops` exactly.
+
+`tf.compat.v1.nn.fused_batch_norm` (FusedBatchNormV3) normalizes a 4-D
+NHWC or NCHW tensor in one kernel. Two conventions of its own:
+
+* In training mode its third output is the *unbiased* batch variance
+  (divided by n - 1), although it normalizes with the biased one (divided by
+  n). Keras and `kerasbn.ops.moments` use the biased variance for the moving
+  average, so `fused_batch_norm_training` rescales by (n - 1) / n.
+* It clamps epsilon to at least 1.001e-5 (cuDNN's CUDNN_BN_MIN_EPSILON), so it
+  is exact only for `epsilon >= FUSED_MIN_EPSILON`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+FUSED_MIN_EPSILON = 1.001e-5
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def fused_batch_norm_training(x, gamma, beta, epsilon: float, data_format: str):
+    """Normalizes `x` with its own batch statistics in one fused kernel.
+
+    Args:
+        x: 4-D tensor, float16, bfloat16 or float32.
+        gamma: Scale of shape `(channels,)` (float32), or None for ones.
+        beta: Offset of shape `(channels,)` (float32), or None for zeros.
+        epsilon: At least `FUSED_MIN_EPSILON`.
+        data_format: "NHWC" or "NCHW".
+
+    Returns:
+        `(y, mean, variance)`: `y` in the dtype of `x`; `mean` and the biased
+        `variance` of shape `(channels,)` in float32.
+    """
+    channel_axis = 3 if data_format == "NHWC" else 1
+    channels = tf.shape(x)[channel_axis]
+    if gamma is None:
+        gamma = tf.ones([channels], tf.float32)
+    if beta is None:
+        beta = tf.zeros([channels], tf.float32)
+    y, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+        x,
+        tf.cast(gamma, tf.float32),
+        tf.cast(beta, tf.float32),
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=True,
+    )
+    count = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(channels, tf.int64), tf.float32)
+    variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+    return y, mean, variance

@@ -1,0 +1,582 @@
+"""`kerasbn.BatchNorm`: the layer's bookkeeping around the math in `kerasbn.ops`.
+
+The layer creates the weights, picks which statistics to normalize with
+(batch or moving), and updates the moving averages. The formulas live in
+`kerasbn/ops.py`; the TensorFlow-only pieces (fused kernel, cross-replica
+all-reduce, the `tf.function` inference path) in `kerasbn/fused.py` and
+`kerasbn/distributed.py`, reached only on the TensorFlow backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import keras
+from keras import constraints, initializers, ops, regularizers
+
+from kerasbn import ops as bn_ops
+
+_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _is_tensorflow() -> bool:
+    return keras.backend.backend() == "tensorflow"
+
+
+def _clone_initializer(initializer):
+    """A fresh copy, so two variables do not share a seeded random stream."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNorm(keras.layers.Layer):
+    """Batch normalization: a drop-in for `keras.layers.BatchNormalization`.
+
+    In training mode (`training=True` and `trainable=True`) the layer
+    normalizes each feature with the mean and variance of the current batch,
+    `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`, and folds
+    those statistics into its moving averages:
+
+        moving = momentum * moving + (1 - momentum) * batch_statistic
+
+    so `momentum` weighs the *old* value, as in Keras (default 0.99, i.e. 1%
+    of each new batch). PyTorch's `momentum` weighs the *new* value: PyTorch
+    `momentum=0.1` is `momentum=0.9` here. In inference mode (the default, and
+    always when `trainable=False`), it normalizes with the moving statistics.
+
+    Beyond the stock layer:
+
+    * **Distribution-correct moving statistics.** Under a `tf.distribute`
+      strategy with `synchronized=False`, each replica normalizes with its own
+      batch statistics, but the moving statistics are updated with the
+      cross-replica mean of the replicas' updates, so every replica (and a
+      saved model) holds the same values. With `synchronized=True` the batch
+      statistics are those of the global batch (two all-reduces, exact also
+      when replicas hold different numbers of examples).
+    * **Several feature axes**: `axis` may be a list, e.g. `[1, 3]`.
+    * **Ghost batch norm**: `virtual_batch_size` normalizes sub-batches of
+      that size independently.
+    * **A fused kernel** on the TensorFlow backend for 4-D NHWC/NCHW inputs
+      (`fused=None` picks it where it is exact).
+    * **A compiled inference path**, `inference_function`: a `tf.function`
+      with a fixed input signature that computes the same folded formula as
+      `call(training=False)`, and is what a SavedModel of the layer serves.
+
+    Args:
+        axis: Integer or list of integers, the feature axis or axes; the
+            statistics are computed over all other axes. Default -1.
+        momentum: Weight of the old value in the moving averages, in [0, 1).
+        epsilon: Positive float added to the variance.
+        center: If True, add the learned offset `beta`.
+        scale: If True, multiply by the learned scale `gamma`.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+            moving_variance_initializer: Initializers (moving variance
+            starts at ones).
+        beta_regularizer, gamma_regularizer: Optional regularizers.
+        beta_constraint, gamma_constraint: Optional constraints.
+        renorm: Use Batch Renormalization (Ioffe, 2017): train with the batch
+            statistics corrected towards the moving ones by `(r, d)`.
+        renorm_clipping: Dict with optional keys "rmax", "rmin", "dmax"
+            clipping `r` to [rmin, rmax] and `d` to [-dmax, dmax].
+        renorm_momentum: Momentum of the renorm statistics.
+        synchronized: If True, compute batch statistics over the global batch
+            of all replicas (TensorFlow `tf.distribute`). On JAX, arrays
+            sharded by `keras.distribution` are global already.
+        virtual_batch_size: Optional positive integer; the batch is split into
+            sub-batches of this size, each normalized with its own statistics
+            (the moving averages take their mean). Must divide the batch.
+        fused: None (use the fused kernel where exact), True (require it) or
+            False (never use it).
+        **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
+
+    Call arguments:
+        inputs: Tensor of rank at least 2.
+        training: Python bool; True normalizes with batch statistics and
+            updates the moving averages.
+        mask: Optional weights of shape `inputs.shape[:-1]`; masked-out
+            positions do not count towards the batch statistics.
+
+    Example:
+
+    >>> layer = BatchNorm(momentum=0.9)
+    >>> y = layer(np.random.rand(8, 4).astype("float32"), training=True)
+    >>> tuple(layer.moving_mean.shape)
+    (4,)
+    """
+
+    def __init__(
+        self,
+        axis: Union[int, Sequence[int]] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm: bool = False,
+        renorm_clipping: Optional[dict] = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
+        virtual_batch_size: Optional[int] = None,
+        fused: Optional[bool] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = _validate_axis(axis)
+        self.momentum = _validate_momentum("momentum", momentum)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _validate_renorm_clipping(renorm_clipping)
+        self.renorm_momentum = _validate_momentum("renorm_momentum", renorm_momentum)
+        self.synchronized = bool(synchronized)
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                "`virtual_batch_size` must be a positive integer or None. "
+                f"Received: virtual_batch_size={virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = virtual_batch_size
+        if fused not in (None, True, False):
+            raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
+        if fused and not _is_tensorflow():
+            raise ValueError(
+                "`fused=True` needs the TensorFlow backend. "
+                f"Received: fused={fused!r} with backend {keras.backend.backend()!r}"
+            )
+        self.fused = fused
+        self.supports_masking = True
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self._feature_axes = None  # non-negative, sorted; set in build()
+        self._built_shape = None
+        self._inference_fn = None
+        self.inference_trace_count = 0
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        rank = len(input_shape)
+        if rank < 2:
+            raise ValueError(
+                "`inputs` must have rank >= 2 (a batch axis and a feature axis). "
+                f"Received: inputs.shape={input_shape}"
+            )
+        axes = []
+        for axis in self.axis:
+            if not -rank <= axis < rank:
+                raise ValueError(
+                    f"`axis` is out of range for inputs of rank {rank}. "
+                    f"Received: axis={self.axis!r}, inputs.shape={input_shape}"
+                )
+            axes.append(axis % rank)
+        if len(set(axes)) != len(axes):
+            raise ValueError(
+                "`axis` names the same input axis twice. "
+                f"Received: axis={self.axis!r} for inputs of rank {rank}"
+            )
+        if 0 in axes:
+            raise ValueError(
+                "`axis` cannot include the batch axis 0: there would be nothing "
+                f"to compute batch statistics over. Received: axis={self.axis!r}"
+            )
+        param_shape = tuple(input_shape[a] for a in sorted(axes))
+        if any(size is None for size in param_shape):
+            raise ValueError(
+                "The feature dimension(s) of the input must be known when the layer "
+                f"is built. Received: inputs.shape={input_shape} with axis={self.axis!r}"
+            )
+        self._feature_axes = tuple(sorted(axes))
+        self._built_shape = input_shape
+        weight = dict(shape=param_shape, autocast=False)
+        if self.scale:
+            self.gamma = self.add_weight(
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                **weight,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                **weight,
+            )
+        # aggregation="mean": an assignment made inside a replica of a
+        # tf.distribute strategy stores the mean over replicas of the values
+        # the replicas assigned, so the replicas' moving statistics never
+        # drift apart (the stock layer lets them).
+        stat = dict(trainable=False, aggregation="mean", **weight)
+        self.moving_mean = self.add_weight(
+            name="moving_mean", initializer=self.moving_mean_initializer, **stat
+        )
+        self.moving_variance = self.add_weight(
+            name="moving_variance", initializer=self.moving_variance_initializer, **stat
+        )
+        if self.renorm:
+            # As in Keras: renorm tracks standard deviations, initialised to
+            # the square root of the variance initializer.
+            def stddev_initializer(shape, dtype=None):
+                return ops.sqrt(_clone_initializer(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            self.moving_stddev = self.add_weight(
+                name="moving_stddev", initializer=stddev_initializer, **stat
+            )
+            self.renorm_mean = self.add_weight(
+                name="renorm_mean",
+                initializer=_clone_initializer(self.moving_mean_initializer),
+                **stat,
+            )
+            self.renorm_stddev = self.add_weight(
+                name="renorm_stddev", initializer=stddev_initializer, **stat
+            )
+        if self.fused and not self._fused_possible(rank):
+            raise ValueError(
+                "`fused=True` needs 4-D inputs normalized over axis 1 or 3, without "
+                "renorm, virtual_batch_size or synchronized, and epsilon >= 1.001e-5. "
+                f"Received: fused=True, inputs.shape={input_shape}, axis={self.axis!r}, "
+                f"renorm={self.renorm}, virtual_batch_size={self.virtual_batch_size}, "
+                f"synchronized={self.synchronized}, epsilon={self.epsilon}"
+            )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ------------------------------------------------------------------- call
+
+    def call(self, inputs, training=None, mask=None):
+        self._check_inputs(inputs, mask)
+        if training and self.trainable:
+            return self._train_forward(inputs, mask)
+        return self._inference(inputs)
+
+    def _inference(self, inputs):
+        """`call(training=False)`: the folded formula with the moving statistics.
+
+        Shared, unchanged, by the compiled `inference_function`.
+        """
+        dtype = bn_ops.statistics_dtype(inputs.dtype)
+        x = ops.cast(inputs, dtype)
+        mean, variance, gamma, beta = self._broadcast(
+            len(inputs.shape), self.moving_mean, self.moving_variance, self.gamma, self.beta, dtype=dtype
+        )
+        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _train_forward(self, inputs, mask):
+        self._check_batch_size(tuple(inputs.shape))
+        if mask is None and self._use_fused(inputs):
+            from kerasbn.fused import fused_batch_norm_training
+
+            data_format = "NHWC" if self._feature_axes == (3,) else "NCHW"
+            outputs, mean, variance = fused_batch_norm_training(
+                inputs, self.gamma, self.beta, self.epsilon, data_format
+            )
+            self._update_moving_statistics(mean, variance)
+            return ops.cast(outputs, self.compute_dtype)
+
+        dtype = bn_ops.statistics_dtype(inputs.dtype)
+        x = ops.cast(inputs, dtype)
+        rank = len(inputs.shape)
+        axes = bn_ops.reduction_axes(rank, self._feature_axes)
+        shift = 0
+        if self.virtual_batch_size is not None:
+            # (batch, ...) -> (groups, virtual_batch_size, ...): every axis
+            # moves one to the right; statistics keep the group axis.
+            x, mask = self._split_virtual_batches(x, mask)
+            axes = tuple(a + 1 for a in axes)
+            rank, shift = rank + 1, 1
+        mean, variance = self._batch_moments(x, axes, mask)
+        gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
+        if self.renorm:
+            gamma, beta = self._renorm_affine(mean, variance, gamma, beta, dtype, rank, shift)
+        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
+        if shift:
+            outputs = ops.reshape(outputs, ops.shape(inputs))
+            # The moving averages take the mean over the virtual batches.
+            mean = ops.mean(mean, axis=0)
+            variance = ops.mean(variance, axis=0)
+        param_shape = tuple(self.moving_mean.shape)
+        self._update_moving_statistics(
+            ops.reshape(mean, param_shape), ops.reshape(variance, param_shape)
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _batch_moments(self, x, axes, mask):
+        if self.synchronized and _is_tensorflow():
+            from kerasbn.distributed import cross_replica_moments
+
+            return cross_replica_moments(x, axes, mask=mask, keepdims=True)
+        return bn_ops.moments(x, axes, mask=mask, keepdims=True)
+
+    def _split_virtual_batches(self, x, mask):
+        size = self.virtual_batch_size
+        batch = x.shape[0]
+        if batch is not None and batch % size:
+            raise ValueError(
+                "`virtual_batch_size` must divide the batch size. "
+                f"Received: virtual_batch_size={size}, batch size {batch}"
+            )
+        if batch is None and _is_tensorflow():
+            import tensorflow as tf
+
+            tf.debugging.assert_equal(
+                tf.shape(x)[0] % size,
+                0,
+                message=f"`virtual_batch_size` must divide the batch size. Received: virtual_batch_size={size}",
+            )
+        shape = ops.shape(x)
+        x = ops.reshape(x, (-1, size) + tuple(shape[1:]))
+        if mask is not None:
+            mask = ops.reshape(mask, (-1, size) + tuple(ops.shape(mask)[1:]))
+        return x, mask
+
+    def _renorm_affine(self, mean, variance, gamma, beta, dtype, rank, shift):
+        """Batch Renormalization: `(x_hat * r + d) * gamma + beta`, folded into gamma and beta.
+
+        `r` and `d` pull the batch statistics towards the renorm moving ones;
+        they are constants for the gradient (Ioffe, 2017, eq. 2). The renorm and
+        moving statistics are updated here too, since renorm tracks standard
+        deviations.
+        """
+        renorm_mean, renorm_stddev = self._broadcast(
+            rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
+        )
+        stddev = ops.sqrt(variance + self.epsilon)
+        renorm_stddev = ops.maximum(renorm_stddev, math.sqrt(self.epsilon))
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        if clipping.get("rmin") is not None:
+            r = ops.maximum(r, clipping["rmin"])
+        if clipping.get("rmax") is not None:
+            r = ops.minimum(r, clipping["rmax"])
+        if clipping.get("dmax") is not None:
+            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
+        r = ops.stop_gradient(r)
+        d = ops.stop_gradient(d)
+        new_gamma = r if gamma is None else r * gamma
+        new_beta = d if gamma is None else d * gamma
+        if beta is not None:
+            new_beta = new_beta + beta
+        return new_gamma, new_beta
+
+    def _update_moving_statistics(self, mean, variance):
+        """Folds batch statistics (of the moving variables' shape) into the moving averages."""
+        if not self.renorm:
+            self.assign_moving_average(self.moving_mean, mean)
+            self.assign_moving_average(self.moving_variance, variance)
+            return
+        stddev = ops.sqrt(variance + self.epsilon)
+        self.assign_moving_average(self.renorm_mean, mean, momentum=self.renorm_momentum)
+        self.assign_moving_average(self.renorm_stddev, stddev, momentum=self.renorm_momentum)
+        self.assign_moving_average(self.moving_mean, mean)
+        self.assign_moving_average(self.moving_stddev, stddev)
+        moving_stddev = ops.cast(self.moving_stddev, "float32")
+        # relu: rounding must not make the variance negative.
+        self.moving_variance.assign(ops.relu(moving_stddev * moving_stddev - self.epsilon))
+
+    def assign_moving_average(self, variable, value, momentum=None):
+        """Updates `variable <- momentum * variable + (1 - momentum) * value`.
+
+        `momentum` (default: the layer's) weighs the old value, as in Keras:
+        0.99 keeps 99% of the running estimate and takes 1% of `value`.
+        PyTorch's `momentum` weighs the new value instead (its 0.1 is 0.9 here).
+
+        Inside a replica of a `tf.distribute` strategy the variable receives
+        the mean over replicas of their updated values, i.e. the update with
+        the cross-replica mean of `value`.
+
+        Args:
+            variable: A moving-statistics variable of this layer.
+            value: New observation, of the variable's shape.
+            momentum: Optional override (a float or scalar tensor).
+
+        Returns:
+            The assigned variable.
+        """
+        momentum = self.momentum if momentum is None else momentum
+        value = ops.cast(value, variable.dtype)
+        old = ops.convert_to_tensor(variable)
+        variable.assign(old * momentum + value * (1.0 - momentum))
+        return variable
+
+    # ---------------------------------------------------- compiled inference
+
+    @property
+    def inference_function(self):
+        """The compiled inference path (TensorFlow backend).
+
+        A `tf.function` with input signature `[None, *built_shape[1:]]` in the
+        layer's compute dtype; it runs `call(training=False)`'s own code (the
+        folded affine form `x * a + b`) and traces once per signature
+        (`inference_trace_count` counts the traces).
+        """
+        if not _is_tensorflow():
+            raise RuntimeError(
+                "`inference_function` needs the TensorFlow backend. "
+                f"Received backend {keras.backend.backend()!r}"
+            )
+        if not self.built:
+            raise RuntimeError(f"Layer {self.name!r} must be built before its inference_function is used.")
+        if self._inference_fn is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec((None,) + tuple(self._built_shape[1:]), dtype=self.compute_dtype, name="inputs")
+
+            def traced(x):
+                self.inference_trace_count += 1
+                return self._inference(x)
+
+            self._inference_fn = tf.function(traced, input_signature=[spec], autograph=False)
+        return self._inference_fn
+
+    # ------------------------------------------------------------ validation
+
+    def _check_inputs(self, inputs, mask):
+        shape = tuple(inputs.shape)
+        if len(shape) != len(self._built_shape):
+            raise ValueError(
+                f"Layer {self.name!r} was built for inputs of rank {len(self._built_shape)}. "
+                f"Received: inputs.shape={shape}"
+            )
+        for axis in self._feature_axes:
+            if shape[axis] is not None and shape[axis] != self._built_shape[axis]:
+                raise ValueError(
+                    f"Layer {self.name!r} was built for {self._built_shape[axis]} channels on "
+                    f"axis {axis}. Received: inputs.shape={shape} ({shape[axis]} channels)"
+                )
+        if mask is not None and len(mask.shape) != len(shape) - 1:
+            raise ValueError(
+                "`mask` must have one dimension less than the inputs. "
+                f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={shape}"
+            )
+
+    def _check_batch_size(self, shape):
+        reduced = [shape[a] for a in bn_ops.reduction_axes(len(shape), self._feature_axes)]
+        if self.virtual_batch_size is not None:
+            reduced[0] = self.virtual_batch_size
+        if all(size is not None for size in reduced) and math.prod(reduced) == 1:
+            raise ValueError(
+                "Training-mode batch normalization needs more than one value per channel "
+                "(the output would be all zeros, i.e. beta). "
+                f"Received: inputs.shape={tuple(shape)} with axis={self.axis!r}"
+            )
+
+    def _fused_possible(self, rank: int) -> bool:
+        return (
+            _is_tensorflow()
+            and rank == 4
+            and self._feature_axes in ((1,), (3,))
+            and not self.renorm
+            and self.virtual_batch_size is None
+            and not self.synchronized
+            and self.epsilon >= 1.001e-5
+        )
+
+    def _use_fused(self, inputs) -> bool:
+        if self.fused is False or not self._fused_possible(len(inputs.shape)):
+            return False
+        return keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
+
+    def _broadcast(self, rank, *params, dtype, shift=0):
+        """Casts parameters and reshapes them to broadcast along the feature axes."""
+        axes = tuple(a + shift for a in self._feature_axes)
+        shape = bn_ops.broadcast_shape(rank, axes, self.moving_mean.shape)
+        return tuple(None if p is None else ops.reshape(ops.cast(p, dtype), shape) for p in params)
+
+    # --------------------------------------------------------- serialization
+
+    def get_config(self):
+        config = {
+            "axis": self.axis if len(self.axis) > 1 else self.axis[0],
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "synchronized": self.synchronized,
+            "virtual_batch_size": self.virtual_batch_size,
+            "fused": self.fused,
+        }
+        return {**super().get_config(), **config}
+
+
+def _validate_axis(axis):
+    values = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    if not values or any(isinstance(a, bool) or not isinstance(a, int) for a in values):
+        raise ValueError(f"`axis` must be an int or a non-empty list of ints. Received: axis={axis!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"`axis` must not repeat an axis. Received: axis={axis!r}")
+    return values
+
+
+def _validate_momentum(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
+    return float(value)
+
+
+def _validate_renorm_clipping(clipping):
+    if clipping is None:
+        return None
+    if not isinstance(clipping, dict):
+        raise ValueError(
+            f"`renorm_clipping` must be a dict with keys among {list(_RENORM_CLIPPING_KEYS)}. "
+            f"Received: renorm_clipping={clipping!r}"
+        )
+    unknown = sorted(set(clipping) - set(_RENORM_CLIPPING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"`renorm_clipping` has unknown keys {unknown}; allowed: {list(_RENORM_CLIPPING_KEYS)}. "
+            f"Received: renorm_clipping={clipping!r}"
+        )
+    rmax, rmin, dmax = (clipping.get(k) for k in _RENORM_CLIPPING_KEYS)
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            "`renorm_clipping` must have rmax >= rmin. "
+            f"Received: renorm_clipping={clipping!r} (rmax={rmax}, rmin={rmin})"
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            f"`renorm_clipping` must have dmax >= 0. Received: renorm_clipping={clipping!r} (dmax={dmax})"
+        )
+    return dict(clipping)

@@ -1,0 +1,166 @@
+"""The batch-normalization math, as pure functions of tensors.
+
+Nothing here owns a variable or knows about training: the layer in
+`kerasbn/layer.py` decides which statistics to use and updates its moving
+averages; these functions only compute. They use `keras.ops`, so they run on
+every Keras backend (TensorFlow, JAX, torch).
+
+The one normalization formula used everywhere (training, inference, the
+compiled inference path, the exported SavedModel) is the folded affine form
+
+    a = gamma * rsqrt(variance + epsilon)
+    b = beta - mean * a
+    y = x * a + b
+
+which equals `gamma * (x - mean) / sqrt(variance + epsilon) + beta`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import keras
+from keras import ops
+
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def statistics_dtype(dtype) -> str:
+    """The dtype statistics are computed in: float32 for 16-bit floats.
+
+    Sums of squares over a large batch overflow float16 (max 65504) and lose
+    most of their digits in bfloat16, so half-precision inputs are upcast.
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in HALF_DTYPES else dtype
+
+
+def moments(
+    x,
+    axes: Sequence[int],
+    mask=None,
+    keepdims: bool = False,
+) -> Tuple[object, object]:
+    """Mean and (biased) variance of `x` over `axes`.
+
+    Args:
+        x: Input tensor.
+        axes: The axes to reduce (the batch axis and every non-feature axis).
+        mask: Optional tensor of weights (bool or 0/1) of rank `rank(x) - 1`,
+            as Keras passes masks: one weight per position, shared by all
+            features at that position. Masked-out positions do not count.
+        keepdims: Keep the reduced axes with length 1.
+
+    Returns:
+        `(mean, variance)` in float32 for float16/bfloat16 inputs, else in the
+        dtype of `x`. The variance divides by the count (not count - 1).
+    """
+    axes = tuple(axes)
+    x = ops.cast(x, statistics_dtype(x.dtype))
+    if mask is None:
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        # Two-pass variance: E[(x - mean)^2] keeps its digits where
+        # E[x^2] - E[x]^2 cancels catastrophically for large means.
+        variance = ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True)
+        # The stop_gradient above is exact: d/dmean of sum((x - mean)^2) is
+        # zero at the mean, so it only saves the backward pass some work.
+    else:
+        weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
+        weights = ops.broadcast_to(weights, ops.shape(x))
+        count = ops.sum(weights, axis=axes, keepdims=True)
+        # An all-masked batch gives mean 0 and variance 0 rather than NaN.
+        count = ops.maximum(count, ops.cast(1.0, x.dtype))
+        mean = ops.sum(weights * x, axis=axes, keepdims=True) / count
+        variance = ops.sum(weights * ops.square(x - mean), axis=axes, keepdims=True) / count
+    if not keepdims:
+        mean = ops.squeeze(mean, axis=axes)
+        variance = ops.squeeze(variance, axis=axes)
+    return mean, variance
+
+
+def fold_affine(
+    mean,
+    variance,
+    gamma=None,
+    beta=None,
+    epsilon: float = 1e-3,
+) -> Tuple[object, object]:
+    """Folds normalization and the learned affine map into `y = x * a + b`.
+
+    Args:
+        mean: Mean to subtract (batch or moving statistic).
+        variance: Variance to divide by (batch or moving statistic).
+        gamma: Optional scale; `None` means 1.
+        beta: Optional offset; `None` means 0.
+        epsilon: Added to the variance before the square root.
+
+    Returns:
+        `(a, b)` with `a = gamma * rsqrt(variance + epsilon)` and
+        `b = beta - mean * a`, broadcastable like `mean`.
+    """
+    a = ops.rsqrt(variance + epsilon)
+    if gamma is not None:
+        a = a * gamma
+    b = -mean * a
+    if beta is not None:
+        b = b + beta
+    return a, b
+
+
+def normalize(x, mean, variance, gamma=None, beta=None, epsilon: float = 1e-3):
+    """Batch-normalizes `x`: `gamma * (x - mean) / sqrt(variance + epsilon) + beta`.
+
+    Computed as `x * a + b` with `(a, b) = fold_affine(...)`: one multiply and
+    one add per element. `mean`, `variance`, `gamma` and `beta` must
+    broadcast against `x`.
+    """
+    a, b = fold_affine(mean, variance, gamma, beta, epsilon)
+    return x * a + b
+
+
+def fold_into_kernel(
+    kernel,
+    bias,
+    mean,
+    variance,
+    gamma=None,
+    beta=None,
+    epsilon: float = 1e-3,
+):
+    """Folds a batch normalization that follows a linear layer into it.
+
+    For `z = x @ kernel + bias` (or a convolution with that kernel) followed by
+    normalization over the output channels (the kernel's last axis):
+    `kernel' = kernel * a` and `bias' = (bias - mean) * a + beta`, so that
+    `x @ kernel' + bias'` equals the normalized output.
+
+    Args:
+        kernel: Kernel whose last axis is the output channels.
+        bias: Bias of shape `(channels,)`, or `None` for a layer without one.
+        mean, variance, gamma, beta, epsilon: As for `fold_affine`, each of
+            shape `(channels,)`.
+
+    Returns:
+        `(kernel', bias')`.
+    """
+    a, b = fold_affine(mean, variance, gamma, beta, epsilon)
+    new_kernel = kernel * a
+    new_bias = b if bias is None else bias * a + b
+    return new_kernel, new_bias
+
+
+def broadcast_shape(rank: int, axes: Sequence[int], param_shape: Sequence[int]) -> Tuple[int, ...]:
+    """The shape that makes a parameter of `param_shape` broadcast on `axes`."""
+    shape = [1] * rank
+    for axis, size in zip(sorted(axes), param_shape):
+        shape[axis] = size
+    return tuple(shape)
+
+
+def reduction_axes(rank: int, feature_axes: Sequence[int]) -> Tuple[int, ...]:
+    """Every axis of a rank-`rank` tensor that is not a feature axis."""
+    return tuple(i for i in range(rank) if i not in set(feature_axes))
+
+
+def cast_optional(value, dtype) -> Optional[object]:
+    return None if value is None else ops.cast(value, dtype)
