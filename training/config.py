@@ -1,0 +1,120 @@
+"""Typed configuration for the training run, with command-line flags on top.
+
+Every field of `TrainConfig` is a flag (`--batch-size` for `batch_size`);
+its help text is the field's `help` metadata. The resolved config is written
+as `config.json` beside the run's artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from typing import Optional, Sequence
+
+NORMS = ("kerasbn", "keras", "none")
+STRATEGIES = ("auto", "mirrored", "multi-worker", "one-device", "default")
+
+
+class ConfigError(ValueError):
+    """A flag or config value that cannot work; the message names it and its value."""
+
+
+def _field(default, help: str, **kwargs):
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one LeNet-BN training run on Fashion-MNIST."""
+
+    epochs: int = _field(10, "Number of passes over the training set.")
+    lr: float = _field(1.0, "SGD learning rate (the source text uses 1.0 with BN, 0.9 without).")
+    batch_size: int = _field(256, "GLOBAL batch size, split across all replicas.")
+    norm: str = _field("kerasbn", "Normalization layer: kerasbn.BatchNorm, keras.layers.BatchNormalization, or none.", choices=NORMS)
+    bn_momentum: float = _field(0.9, "Moving-average momentum of the BN layers (Keras convention: weight of the OLD value).")
+    sync_bn: bool = _field(False, "Batch statistics over the global batch of all replicas (synchronized=True).")
+    strategy: str = _field("auto", "tf.distribute strategy: auto = MirroredStrategy over several GPUs (or --cpu-replicas), else one device.", choices=STRATEGIES)
+    cpu_replicas: int = _field(0, "Split the CPU into N logical devices so MirroredStrategy runs N replicas without GPUs (0 = off).")
+    seed: int = _field(0, "Random seed: same seed and strategy give the same history.")
+    limit_train: Optional[int] = _field(None, "Train on the first N training examples only (smoke runs).")
+    data_dir: Optional[str] = _field(None, "Folder with the Fashion-MNIST IDX .gz files (default: $KERASBN_DATA_DIR or /usr/share/datasets/fashion-mnist).")
+    out: Optional[str] = _field(None, "Run folder (default: runs/<run-name>). An existing folder with a checkpoint is resumed.")
+    run_name: Optional[str] = _field(None, "Name of the run folder under runs/ (default: derived from the settings).")
+    recompute_stats_batches: int = _field(200, "After training, recompute BN statistics over this many training batches (0 = off; kerasbn only).")
+    quiet: bool = _field(False, "No progress bars.")
+    export: bool = _field(True, "Export a SavedModel to saved_models/ at the end (chief only).")
+
+    def validate(self) -> "TrainConfig":
+        """Raises ConfigError for values that cannot work."""
+        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size}
+        for name, value in positive_ints.items():
+            if value < 1:
+                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {_flag(name)}={value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"`--lr` must be a positive finite number. Received: lr={self.lr}")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ConfigError(f"`--bn-momentum` must be in [0, 1). Received: bn_momentum={self.bn_momentum}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"`--norm` must be one of {NORMS}. Received: norm={self.norm!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"`--strategy` must be one of {STRATEGIES}. Received: strategy={self.strategy!r}")
+        if self.cpu_replicas < 0:
+            raise ConfigError(f"`--cpu-replicas` must be >= 0. Received: cpu_replicas={self.cpu_replicas}")
+        if self.limit_train is not None and self.limit_train < 1:
+            raise ConfigError(f"`--limit-train` must be a positive integer. Received: limit_train={self.limit_train}")
+        if self.recompute_stats_batches < 0:
+            raise ConfigError(
+                f"`--recompute-stats-batches` must be >= 0. Received: recompute_stats_batches={self.recompute_stats_batches}"
+            )
+        if self.sync_bn and self.norm == "none":
+            raise ConfigError("`--sync-bn` needs a BN layer. Received: sync_bn=True with norm='none'")
+        return self
+
+    def default_run_name(self) -> str:
+        name = f"lenet-{self.norm}-lr{self.lr:g}-bs{self.batch_size}-{self.strategy}"
+        if self.cpu_replicas:
+            name += f"-cpu{self.cpu_replicas}"
+        if self.sync_bn:
+            name += "-syncbn"
+        if self.limit_train:
+            name += f"-n{self.limit_train}"
+        return name + f"-seed{self.seed}"
+
+    def run_dir(self) -> str:
+        return self.out or os.path.join("runs", self.run_name or self.default_run_name())
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, config_cls=TrainConfig, skip: Sequence[str] = ()) -> None:
+    """Adds one flag per dataclass field, typed and documented from the field."""
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        flag = "--" + _flag(field.name)
+        help_text = field.metadata.get("help", "") + f" (default: {field.default})"
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str}[str(field.type)]
+        parser.add_argument(
+            flag, type=kind, default=field.default, help=help_text, choices=field.metadata.get("choices")
+        )
+
+
+def config_from_args(namespace: argparse.Namespace, config_cls=TrainConfig):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(namespace).items() if k in names})
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m training.train") -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train LeNet with batch normalization on Fashion-MNIST under a tf.distribute strategy.",
+    )
+    add_flags(parser)
+    return config_from_args(parser.parse_args(argv)).validate()
