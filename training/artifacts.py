@@ -55,12 +55,15 @@ def plot_curves(path: str, history: List[Dict], title: str) -> None:
 
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [row["loss"] for row in history], "-", label="train loss")
-    ax.plot(epochs, [row["train_acc"] for row in history], "--", label="train acc")
-    ax.plot(epochs, [row["test_acc"] for row in history], "-.", label="test acc")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.plot(epochs, [row["loss"] for row in history], "o-", label="train loss")
+    ax.plot(epochs, [row["train_acc"] for row in history], "s--", label="train acc")
+    ax.plot(epochs, [row["test_acc"] for row in history], "^-.", label="test acc")
     ax.set_xlabel("epoch")
-    ax.set_xlim(min(epochs) - 0.1 if len(epochs) == 1 else min(epochs), max(epochs) + (0.1 if len(epochs) == 1 else 0))
-    ax.set_ylim(0, max(1.0, max(row["loss"] for row in history if row["loss"] == row["loss"]) * 1.05 if history else 1.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    finite_losses = [row["loss"] for row in history if row["loss"] == row["loss"]]
+    ax.set_ylim(0, max([1.0] + [1.05 * loss for loss in finite_losses]))
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=9)
