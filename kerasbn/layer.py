@@ -258,10 +258,11 @@ class BatchNorm(keras.layers.Layer):
             self.renorm_stddev = self.add_weight(
                 name="renorm_stddev", initializer=stddev_initializer, **stat
             )
-        if self.fused and not self._fused_possible(rank):
+        if self.fused and (self._fused_layout(rank) is None or self.synchronized):
             raise ValueError(
-                "`fused=True` needs 4-D inputs normalized over axis 1 or 3, without "
-                "renorm, virtual_batch_size or synchronized, and epsilon >= 1.001e-5. "
+                "`fused=True` needs inputs normalized over their last axis only (or axis 1 of "
+                "4-D NCHW inputs), without renorm, virtual_batch_size or synchronized, and "
+                "epsilon >= 1.001e-5. "
                 f"Received: fused=True, inputs.shape={input_shape}, axis={self.axis!r}, "
                 f"renorm={self.renorm}, virtual_batch_size={self.virtual_batch_size}, "
                 f"synchronized={self.synchronized}, epsilon={self.epsilon}"
@@ -296,10 +297,14 @@ class BatchNorm(keras.layers.Layer):
         if mask is None and self._use_fused(inputs):
             from kerasbn.fused import fused_batch_norm_training
 
-            data_format = "NHWC" if self._feature_axes == (3,) else "NCHW"
+            data_format = self._fused_layout(len(inputs.shape))
+            x = inputs
+            if len(inputs.shape) != 4 or data_format == "NHWC":
+                x = ops.reshape(inputs, (-1, 1, 1, inputs.shape[-1]))
             outputs, mean, variance = fused_batch_norm_training(
-                inputs, self.gamma, self.beta, self.epsilon, data_format
+                x, self.gamma, self.beta, self.epsilon, data_format
             )
+            outputs = ops.reshape(outputs, ops.shape(inputs))
             self._update_moving_statistics(mean, variance)
             return ops.cast(outputs, self.compute_dtype)
 
@@ -491,21 +496,37 @@ class BatchNorm(keras.layers.Layer):
                 f"Received: inputs.shape={tuple(shape)} with axis={self.axis!r}"
             )
 
-    def _fused_possible(self, rank: int) -> bool:
-        return (
+    def _fused_layout(self, rank: int) -> Optional[str]:
+        """How the fused 4-D kernel can take inputs of this rank, or None.
+
+        NHWC 4-D inputs go in as they are, NCHW ones with data_format NCHW;
+        any other rank normalized over its last axis only is viewed as
+        (-1, 1, 1, channels), which leaves the per-channel statistics unchanged.
+        """
+        if not (
             _is_tensorflow()
-            and rank == 4
-            and self._feature_axes in ((1,), (3,))
             and not self.renorm
             and self.virtual_batch_size is None
-            and not self.synchronized
             and self.epsilon >= 1.001e-5
-        )
+        ):
+            return None
+        if self._feature_axes == (rank - 1,):
+            return "NHWC"
+        if rank == 4 and self._feature_axes == (1,):
+            return "NCHW"
+        return None
 
     def _use_fused(self, inputs) -> bool:
-        if self.fused is False or not self._fused_possible(len(inputs.shape)):
+        if self.fused is False or self._fused_layout(len(inputs.shape)) is None:
             return False
-        return keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
+        if keras.backend.standardize_dtype(inputs.dtype) not in ("float16", "bfloat16", "float32"):
+            return False
+        if self.synchronized:
+            # Global-batch statistics need the all-reduce of the generic path.
+            from kerasbn.distributed import replica_context
+
+            return replica_context() is None
+        return True
 
     def _broadcast(self, rank, *params, dtype, shift=0):
         """Casts parameters and reshapes them to broadcast along the feature axes."""
