@@ -71,7 +71,9 @@ def recompute_statistics(
     # keras BatchNormalization, say): snapshot it and put it back.
     ours = {id(v) for layer in layers for v in layer.non_trainable_variables}
     others = [v for v in model.non_trainable_variables if id(v) not in ours]
-    others_before = [ops.convert_to_tensor(v) for v in others]
+    # A copy, not convert_to_tensor: on the TensorFlow backend that returns
+    # the variable itself, which the forward passes would then overwrite.
+    others_before = [ops.convert_to_numpy(v) for v in others]
 
     def forward(x, momentum):
         for layer in layers:

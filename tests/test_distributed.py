@@ -1,0 +1,414 @@
+"""`kerasbn.BatchNorm` under `tf.distribute`, on logical CPU replicas.
+
+Multi-replica runs need the CPU split into logical devices before TensorFlow
+initialises, so every scenario runs in a fresh process (`tests/_dist_worker.py`):
+one `MirroredStrategy` process per replica count (2 and 3) covers the custom
+training loops, saving, `model.fit` and `recompute_statistics`; a two-process
+`MultiWorkerMirroredStrategy` cluster on 127.0.0.1 covers multi-worker runs.
+The worker saves arrays to an `.npz` file; the assertions live here, against
+a single-device layer run in the worker and float64 NumPy closed forms
+computed here.
+
+This file needs nothing from conftest.py and does not import TensorFlow
+itself (the workers use the TensorFlow backend whatever `KERAS_BACKEND` says).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+WORKER = TESTS_DIR / "_dist_worker.py"
+SEED = 1234
+WORKER_TIMEOUT_S = 300  # a MirroredStrategy process takes ~15 s on an idle 2-core machine
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="tf.distribute tests need TensorFlow installed"
+)
+
+
+def _load_worker_module():
+    """The worker's constants and data generators (it imports only NumPy at module level)."""
+    spec = importlib.util.spec_from_file_location("kerasbn_dist_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+worker = _load_worker_module()
+MOMENTUM, EPSILON, LEARNING_RATE = worker.MOMENTUM, worker.EPSILON, worker.LEARNING_RATE
+
+# Float32 distributed results against the float32 single-device layer, and
+# against float64 closed forms (STYLE.md: closed forms at 1e-5).
+LAYER_TOL = dict(rtol=1e-5, atol=1e-6)
+CLOSED_FORM_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ running workers
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["KERAS_BACKEND"] = "tensorflow"  # tf.distribute is TensorFlow's, even in a JAX test run
+    env["CUDA_VISIBLE_DEVICES"] = "-1"  # logical CPU replicas, also on a machine with a GPU
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def _tail(text, limit: int = 6000) -> str:
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return text[-limit:]
+
+
+def _load(path: Path) -> dict:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}replicas")
+def mirrored(request, tmp_path_factory):
+    """Results of one MirroredStrategy worker process with `request.param` logical CPU replicas."""
+    replicas = request.param
+    workdir = tmp_path_factory.mktemp(f"mirrored{replicas}")
+    out = workdir / "results.npz"
+    args = [sys.executable, str(WORKER), "mirrored", "--replicas", str(replicas), "--seed", str(SEED)]
+    args += ["--out", str(out), "--workdir", str(workdir)]
+    try:
+        proc = subprocess.run(
+            args, env=_worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as error:  # subprocess.run has killed it
+        pytest.fail(f"MirroredStrategy worker ({replicas} replicas) timed out after {WORKER_TIMEOUT_S}s\n"
+                    f"{_tail(error.stdout)}\n{_tail(error.stderr)}")
+    if proc.returncode != 0:
+        pytest.fail(f"MirroredStrategy worker ({replicas} replicas) exited with {proc.returncode}\n"
+                    f"--- stdout ---\n{_tail(proc.stdout)}\n--- stderr ---\n{_tail(proc.stderr)}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ok"], summary
+    results = _load(out)
+    assert int(results["num_replicas"]) == replicas
+    return replicas, results
+
+
+# ------------------------------------------------------------- float64 references
+
+
+def np_moments(x):
+    """Float64 mean and biased variance per channel (last axis) over all other axes."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    return x.mean(axis=axes), x.var(axis=axes)
+
+
+def np_train_forward_backward(x, upstream, gamma, beta):
+    """Training-mode output and the gradients of `sum(upstream * output)`, in float64.
+
+    With s = 1/sqrt(var + eps), xhat = (x - mean) s, g = upstream * gamma and
+    means over the reduced axes:
+    dx = s (g - mean(g) - xhat mean(g xhat)), dgamma = sum(upstream xhat), dbeta = sum(upstream).
+    """
+    x = np.asarray(x, np.float64)
+    upstream = np.asarray(upstream, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, variance = np_moments(x)
+    inv_std = 1.0 / np.sqrt(variance + EPSILON)
+    x_hat = (x - mean) * inv_std
+    outputs = gamma * x_hat + beta
+    g = upstream * gamma
+    dx = inv_std * (g - g.mean(axis=axes) - x_hat * (g * x_hat).mean(axis=axes))
+    return outputs, dx, (upstream * x_hat).sum(axis=axes), upstream.sum(axis=axes)
+
+
+def _initial():
+    gamma, beta, moving_mean, moving_variance = (w.astype(np.float64) for w in worker.initial_weights(SEED))
+    return gamma, beta, moving_mean, moving_variance
+
+
+def _copies(results, key, name, count):
+    return [results[f"{key}.copy{c}.{name}"] for c in range(count)]
+
+
+def _assert_copies_agree(results, key, count, expected_mean, expected_variance, tol, what):
+    """Every replica's copy of the moving statistics is identical, and equals the expectation."""
+    for name, expected in (("moving_mean", expected_mean), ("moving_variance", expected_variance)):
+        copies = _copies(results, key, name, count)
+        assert len(copies) == count
+        for copy, value in enumerate(copies):
+            np.testing.assert_array_equal(value, copies[0], err_msg=f"{what}: {name} of replica {copy} != replica 0")
+            np.testing.assert_allclose(value, expected, **tol, err_msg=f"{what}: {name} of replica {copy}")
+
+
+# ------------------------------------------------------------------------- checks
+# Shared by the MirroredStrategy tests and the multi-worker test: `results`
+# holds per global replica id r the keys `{scenario}.s{step}.r{r}.*`, and the
+# moving statistics of each replica copy as `{scenario}.s{step}.copy{c}.*`.
+
+
+def check_synchronized(results, replicas):
+    """synchronized=True equals a single-device layer fed the whole global batch."""
+    splits = worker.SPLITS[replicas]
+    assert any(sum(sizes) % replicas for sizes in splits), "no global batch the replica count does not divide"
+    gamma, beta, moving_mean, moving_variance = _initial()
+    for step, sizes in enumerate(splits):
+        key, ref = f"sync.s{step}", f"sync.ref.s{step}"
+        where = f"synchronized=True, {replicas} replicas, step {step}, slices {sizes}"
+        slices = [results[f"{key}.r{r}.inputs"] for r in range(replicas)]
+        assert [len(s) for s in slices] == sizes, f"{where}: replicas got slices of {[len(s) for s in slices]}"
+        global_x = np.concatenate(slices)
+        global_upstream = np.concatenate([results[f"{key}.r{r}.upstream"] for r in range(replicas)])
+        if len(set(sizes)) > 1:
+            # The data make the count weighting matter: averaging the
+            # replicas' means without their counts would be visibly wrong.
+            naive_mean = np.mean([np_moments(s)[0] for s in slices], axis=0)
+            assert np.max(np.abs(naive_mean - np_moments(global_x)[0])) > 0.05, where
+
+        outputs = np.concatenate([results[f"{key}.r{r}.outputs"] for r in range(replicas)])
+        input_grad = np.concatenate([results[f"{key}.r{r}.input_grad"] for r in range(replicas)])
+        np.testing.assert_allclose(outputs, results[f"{ref}.outputs"], **LAYER_TOL, err_msg=f"{where}: outputs")
+        np.testing.assert_allclose(
+            input_grad, results[f"{ref}.input_grad"], **LAYER_TOL, err_msg=f"{where}: input gradient"
+        )
+        for r in range(replicas):
+            for name in ("gamma_grad", "beta_grad"):
+                np.testing.assert_allclose(
+                    results[f"{key}.r{r}.{name}"], results[f"{ref}.{name}"], **LAYER_TOL,
+                    err_msg=f"{where}: all-reduced {name} on replica {r}",
+                )
+
+        # The float64 closed form of the global-batch layer, step by step.
+        np.testing.assert_allclose(results[f"{key}.gamma_before"], gamma, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(results[f"{key}.beta_before"], beta, rtol=1e-5, atol=1e-6)
+        np_outputs, np_dx, np_dgamma, np_dbeta = np_train_forward_backward(global_x, global_upstream, gamma, beta)
+        np.testing.assert_allclose(outputs, np_outputs, **CLOSED_FORM_TOL, err_msg=f"{where}: outputs vs float64")
+        np.testing.assert_allclose(input_grad, np_dx, **CLOSED_FORM_TOL, err_msg=f"{where}: dx vs float64")
+        np.testing.assert_allclose(results[f"{key}.r0.gamma_grad"], np_dgamma, **CLOSED_FORM_TOL)
+        np.testing.assert_allclose(results[f"{key}.r0.beta_grad"], np_dbeta, **CLOSED_FORM_TOL)
+        batch_mean, batch_variance = np_moments(global_x)
+        moving_mean = MOMENTUM * moving_mean + (1 - MOMENTUM) * batch_mean
+        moving_variance = MOMENTUM * moving_variance + (1 - MOMENTUM) * batch_variance
+        np.testing.assert_allclose(results[f"{ref}.moving_mean"], moving_mean, **CLOSED_FORM_TOL)
+        np.testing.assert_allclose(results[f"{ref}.moving_variance"], moving_variance, **CLOSED_FORM_TOL)
+        _assert_copies_agree(
+            results, key, replicas, results[f"{ref}.moving_mean"], results[f"{ref}.moving_variance"],
+            LAYER_TOL, where,
+        )
+        gamma = gamma - LEARNING_RATE * results[f"{key}.r0.gamma_grad"]
+        beta = beta - LEARNING_RATE * results[f"{key}.r0.beta_grad"]
+    return moving_mean, moving_variance, gamma, beta
+
+
+def check_unsynchronized(results, replicas):
+    """synchronized=False: local normalization, moving statistics the mean of the replicas' updates."""
+    gamma, beta, moving_mean, moving_variance = _initial()
+    for step, sizes in enumerate(worker.SPLITS[replicas]):
+        key = f"unsync.s{step}"
+        where = f"synchronized=False, {replicas} replicas, step {step}, slices {sizes}"
+        local_means, local_variances = [], []
+        for r in range(replicas):
+            x = results[f"{key}.r{r}.inputs"]
+            assert len(x) == sizes[r], where
+            outputs = results[f"{key}.r{r}.outputs"]
+            np.testing.assert_allclose(
+                outputs, results[f"unsync.ref.s{step}.r{r}.outputs"], **LAYER_TOL,
+                err_msg=f"{where}: replica {r} vs a single-device layer on its slice",
+            )
+            np_outputs = np_train_forward_backward(x, np.zeros_like(x), gamma, beta)[0]
+            np.testing.assert_allclose(outputs, np_outputs, **CLOSED_FORM_TOL, err_msg=f"{where}: replica {r}")
+            local_mean, local_variance = np_moments(x)
+            local_means.append(local_mean)
+            local_variances.append(local_variance)
+        moving_mean = MOMENTUM * moving_mean + (1 - MOMENTUM) * np.mean(local_means, axis=0)
+        moving_variance = MOMENTUM * moving_variance + (1 - MOMENTUM) * np.mean(local_variances, axis=0)
+        _assert_copies_agree(results, key, replicas, moving_mean, moving_variance, CLOSED_FORM_TOL, where)
+    return moving_mean, moving_variance
+
+
+# -------------------------------------------------------------- MirroredStrategy
+
+
+def test_synchronized_matches_single_device_layer_on_global_batch(mirrored):
+    """Outputs, gradients and moving statistics over 3 steps, unequal slices included."""
+    replicas, results = mirrored
+    check_synchronized(results, replicas)
+
+
+def test_unsynchronized_moving_statistics_agree_where_stock_layer_drifts(mirrored):
+    replicas, results = mirrored
+    check_unsynchronized(results, replicas)
+
+    # Stock keras.layers.BatchNormalization, fed the same slices: each replica
+    # keeps only its own updates, so the copies drift apart (the defect
+    # kerasbn fixes), and a saved model holds replica 0's.
+    keras_version = str(results["keras_version"])
+    last = len(worker.SPLITS[replicas]) - 1
+    stock_means = np.stack(_copies(results, f"stock.s{last}", "moving_mean", replicas))
+    spread = float(np.max(stock_means.max(axis=0) - stock_means.min(axis=0)))
+    assert spread > 0.1, (
+        f"stock keras.layers.BatchNormalization (Keras {keras_version}) kept its {replicas} replicas' moving "
+        f"means together (spread {spread:.2e}): the replica drift kerasbn.BatchNorm exists to fix seems to be "
+        "fixed upstream. Revisit this test and the README's claim."
+    )
+    _, _, moving_mean, moving_variance = _initial()
+    stock = [(moving_mean.copy(), moving_variance.copy()) for _ in range(replicas)]
+    for step in range(last + 1):
+        for r in range(replicas):
+            local_mean, local_variance = np_moments(results[f"unsync.s{step}.r{r}.inputs"])
+            mean, variance = stock[r]
+            stock[r] = (
+                MOMENTUM * mean + (1 - MOMENTUM) * local_mean,
+                MOMENTUM * variance + (1 - MOMENTUM) * local_variance,
+            )
+            np.testing.assert_allclose(results[f"stock.s{step}.copy{r}.moving_mean"], stock[r][0], **CLOSED_FORM_TOL)
+            np.testing.assert_allclose(
+                results[f"stock.s{step}.copy{r}.moving_variance"], stock[r][1], **CLOSED_FORM_TOL
+            )
+
+
+def test_saved_model_holds_agreed_moving_statistics(mirrored):
+    """get_weights() and a reloaded .keras file hold the statistics every replica agrees on."""
+    replicas, results = mirrored
+    sync_mean, sync_variance, sync_gamma, sync_beta = check_synchronized(results, replicas)
+    unsync_mean, unsync_variance = check_unsynchronized(results, replicas)
+    gamma, beta, _, _ = _initial()
+    expected = {
+        "sync": dict(moving_mean=sync_mean, moving_variance=sync_variance, gamma=sync_gamma, beta=sync_beta),
+        "unsync": dict(moving_mean=unsync_mean, moving_variance=unsync_variance, gamma=gamma, beta=beta),
+    }
+    last = len(worker.SPLITS[replicas]) - 1
+    for scenario, weights in expected.items():
+        for source in ("get_weights", "reloaded"):
+            for name, value in weights.items():
+                saved = results[f"saved.{scenario}.{source}.{name}"]
+                np.testing.assert_allclose(saved, value, **CLOSED_FORM_TOL, err_msg=f"{scenario} {source} {name}")
+            for name in ("moving_mean", "moving_variance"):
+                for copy, value in enumerate(_copies(results, f"{scenario}.s{last}", name, replicas)):
+                    np.testing.assert_array_equal(
+                        results[f"saved.{scenario}.{source}.{name}"], value,
+                        err_msg=f"{scenario} {source} {name} != replica {copy}'s",
+                    )
+
+
+@pytest.mark.parametrize("synchronized", [True, False], ids=["sync", "unsync"])
+def test_fit_keeps_replicas_moving_statistics_equal(mirrored, synchronized):
+    replicas, results = mirrored
+    prefix = f"fit.sync{int(synchronized)}"
+    loss = results[f"{prefix}.loss"]
+    assert loss.shape == (2,) and np.all(np.isfinite(loss)), loss
+    for name in ("moving_mean", "moving_variance"):
+        copies = results[f"{prefix}.copies.{name}"]
+        assert copies.shape == (replicas, 4)
+        assert np.all(np.isfinite(copies))
+        for copy in range(1, replicas):
+            np.testing.assert_array_equal(copies[copy], copies[0], err_msg=f"fit: {name} of replica {copy}")
+        moved = np.max(np.abs(copies[0] - results[f"{prefix}.initial.{name}"]))
+        assert moved > 1e-2, f"fit did not update {name}: {copies[0]}"
+
+
+@pytest.mark.parametrize("synchronized", [True, False], ids=["sync", "unsync"])
+def test_recompute_statistics_on_mirrored_model(mirrored, synchronized):
+    """Every replica ends with the plain average of the per-batch statistics.
+
+    The worker calls `recompute_statistics` inside `strategy.scope()` for the
+    synchronized model and outside it for the other.
+    """
+    replicas, results = mirrored
+    prefix = f"recompute.sync{int(synchronized)}"
+    features = results[f"{prefix}.features"]  # the BatchNorm's input, per batch
+    assert int(results[f"{prefix}.batches_used"]) == len(features) == 3
+    batch_moments = [np_moments(batch) for batch in features]
+    expected = {
+        "moving_mean": np.mean([m for m, _ in batch_moments], axis=0),
+        "moving_variance": np.mean([v for _, v in batch_moments], axis=0),
+    }
+    for name, value in expected.items():
+        copies = results[f"{prefix}.copies.{name}"]
+        assert copies.shape == (replicas, 4)
+        for copy in range(replicas):
+            np.testing.assert_allclose(copies[copy], value, **CLOSED_FORM_TOL, err_msg=f"{name} of replica {copy}")
+        # recompute_statistics really replaced what fit left behind.
+        assert np.max(np.abs(value - results[f"fit.sync{int(synchronized)}.copies.{name}"][0])) > 1e-2
+
+
+# ----------------------------------------------------- MultiWorkerMirroredStrategy
+
+
+def _free_ports(count: int) -> list:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout to bound the workers")
+def test_multi_worker_mirrored_strategy(tmp_path):
+    """Two workers on 127.0.0.1 end with equal moving statistics and the single-process results."""
+    workers = 2
+    addresses = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
+    processes, logs = [], []
+    try:
+        for index in range(workers):
+            env = _worker_env()
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+            )
+            log = open(tmp_path / f"worker{index}.log", "wb")
+            logs.append(log)
+            # TensorFlow catches SIGTERM; -k sends SIGKILL 5 s later.
+            command = ["timeout", "-k", "5", "120", sys.executable, str(WORKER), "multi-worker"]
+            command += ["--seed", str(SEED), "--out", str(tmp_path / f"worker{index}.npz")]
+            processes.append(
+                subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            )
+        codes = [process.wait(timeout=150) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        for log in logs:
+            log.close()
+    if any(codes):
+        output = "\n".join(
+            f"--- worker {i} (exit {code}) ---\n{_tail((tmp_path / f'worker{i}.log').read_bytes())}"
+            for i, code in enumerate(codes)
+        )
+        pytest.fail(f"MultiWorkerMirroredStrategy workers failed (124/137: timed out)\n{output}")
+
+    per_worker = [_load(tmp_path / f"worker{i}.npz") for i in range(workers)]
+    merged = {}
+    for index, results in enumerate(per_worker):
+        assert int(results["num_replicas"]) == workers
+        assert int(results["task_index"]) == index
+        for key, value in results.items():
+            if ".copy0." in key:  # each worker holds one replica's copy of each variable
+                merged[key.replace(".copy0.", f".copy{index}.")] = value
+            elif key in merged and key not in ("task_index",):
+                # Shared keys (the single-device references) agree across workers.
+                np.testing.assert_allclose(value, merged[key], rtol=1e-6, atol=0, err_msg=key)
+            else:
+                merged[key] = value
+    check_synchronized(merged, workers)
+    check_unsynchronized(merged, workers)
