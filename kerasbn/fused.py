@@ -7,8 +7,12 @@ NHWC or NCHW tensor in one kernel. Two conventions of its own:
   (divided by n - 1), although it normalizes with the biased one (divided by
   n). Keras and `kerasbn.ops.moments` use the biased variance for the moving
   average, so `fused_batch_norm_training` rescales by (n - 1) / n.
-* It clamps epsilon to at least 1.001e-5 (cuDNN's CUDNN_BN_MIN_EPSILON), so it
-  is exact only for `epsilon >= FUSED_MIN_EPSILON`.
+* On GPUs it goes through cuDNN, whose batch norm long required
+  epsilon >= 1e-5 (CUDNN_BN_MIN_EPSILON) and older TensorFlow wrappers clamped
+  it to 1.001e-5. TensorFlow 2.21's wrapper no longer clamps and its CPU kernel
+  is exact below 1e-5 (tests/test_layer.py checks), but the layer keeps the
+  fused path to `epsilon >= FUSED_MIN_EPSILON`, so `fused=None` gives the same
+  numbers on every device and TensorFlow version.
 """
 
 from __future__ import annotations

@@ -131,7 +131,9 @@ class BatchNorm(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = _validate_axis(axis)
+        # `axis` stays as given (an int, like the stock layer's, or a list).
+        self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
+        self._axis_list = _validate_axis(axis)
         self.momentum = _validate_momentum("momentum", momentum)
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
             raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
@@ -186,7 +188,7 @@ class BatchNorm(keras.layers.Layer):
                 f"Received: inputs.shape={input_shape}"
             )
         axes = []
-        for axis in self.axis:
+        for axis in self._axis_list:
             if not -rank <= axis < rank:
                 raise ValueError(
                     f"`axis` is out of range for inputs of rank {rank}. "
@@ -299,7 +301,7 @@ class BatchNorm(keras.layers.Layer):
 
             data_format = self._fused_layout(len(inputs.shape))
             x = inputs
-            if len(inputs.shape) != 4 or data_format == "NHWC":
+            if len(inputs.shape) != 4:
                 x = ops.reshape(inputs, (-1, 1, 1, inputs.shape[-1]))
             outputs, mean, variance = fused_batch_norm_training(
                 x, self.gamma, self.beta, self.epsilon, data_format
@@ -503,12 +505,11 @@ class BatchNorm(keras.layers.Layer):
         any other rank normalized over its last axis only is viewed as
         (-1, 1, 1, channels), which leaves the per-channel statistics unchanged.
         """
-        if not (
-            _is_tensorflow()
-            and not self.renorm
-            and self.virtual_batch_size is None
-            and self.epsilon >= 1.001e-5
-        ):
+        if not _is_tensorflow():
+            return None
+        from kerasbn.fused import FUSED_MIN_EPSILON
+
+        if self.renorm or self.virtual_batch_size is not None or self.epsilon < FUSED_MIN_EPSILON:
             return None
         if self._feature_axes == (rank - 1,):
             return "NHWC"
@@ -538,7 +539,7 @@ class BatchNorm(keras.layers.Layer):
 
     def get_config(self):
         config = {
-            "axis": self.axis if len(self.axis) > 1 else self.axis[0],
+            "axis": self.axis,
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "center": self.center,

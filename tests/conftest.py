@@ -1,0 +1,262 @@
+"""Shared test set-up for kerasbn.
+
+* Puts the repository root on `sys.path`, so the tests run from a checkout
+  without `pip install -e .`.
+* Quietens TensorFlow's C++ logging (`TF_CPP_MIN_LOG_LEVEL=2`) before anything
+  imports it.
+* Float64 NumPy references for batch normalization (`np_moments`,
+  `np_batch_norm`, `np_batch_norm_grads`), used by several test files.
+* `run_python(code_or_args, env=..., timeout=...)`: run Python in a fresh
+  process (needed for anything that must configure TensorFlow before it
+  initialises, e.g. logical CPU devices for distribution tests). Use it as a
+  fixture (`def test_x(run_python): ...`) or import it
+  (`from conftest import run_python`).
+
+The Keras backend is whatever `KERAS_BACKEND` says (TensorFlow by default);
+`tf_only` marks tests that need TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+tf_only = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason=f"TensorFlow-only feature (fused kernel / tf.function / XLA / SavedModel); backend is {BACKEND!r}",
+)
+
+
+
+def _float64_available() -> bool:
+    if BACKEND != "jax":
+        return True
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
+needs_float64 = pytest.mark.skipif(
+    not _float64_available(),
+    reason="JAX computes float64 tensors in float32 unless jax_enable_x64 is set",
+)
+
+# --------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's name: reproducible, and different per test."""
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(request.node.name)) % (2**32)
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def dtype_policy(request):
+    """Sets the global dtype policy to `request.param` and restores the old one afterwards.
+
+    Use with `@pytest.mark.parametrize("dtype_policy", [...], indirect=True)`.
+    """
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(request.param)
+    try:
+        yield request.param
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+
+
+@pytest.fixture(autouse=True)
+def _global_policy_is_restored():
+    """Every test starts and ends with the float32 policy (a leak would skew later tests)."""
+    before = keras.mixed_precision.global_policy().name
+    yield
+    after = keras.mixed_precision.global_policy().name
+    if after != before:
+        keras.mixed_precision.set_global_policy(before)
+        pytest.fail(f"test changed the global dtype policy from {before!r} to {after!r} without restoring it")
+
+
+# ------------------------------------------------------- NumPy references
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _feature_axes(rank: int, axis) -> tuple:
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return tuple(sorted(a % rank for a in axes))
+
+
+def param_shape(shape: Sequence[int], axis) -> tuple:
+    """The shape of gamma/beta/moving statistics for inputs of `shape`."""
+    return tuple(shape[a] for a in _feature_axes(len(shape), axis))
+
+
+def _keep_shape(shape, axis) -> list:
+    rank = len(shape)
+    features = _feature_axes(rank, axis)
+    return [shape[i] if i in features else 1 for i in range(rank)]
+
+
+def np_moments(x, axis, mask=None):
+    """Float64 mean and biased variance over every axis but `axis` (int or list).
+
+    `mask` follows Keras: shape `x.shape[:-1]`, one weight per position, shared
+    by the last axis; masked-out positions do not count. Returns arrays of the
+    parameter shape (`param_shape(x.shape, axis)`).
+    """
+    x = np.asarray(x, np.float64)
+    rank = x.ndim
+    features = _feature_axes(rank, axis)
+    reduce = tuple(i for i in range(rank) if i not in features)
+    if mask is None:
+        weights = np.ones_like(x)
+    else:
+        weights = np.broadcast_to(np.asarray(mask, np.float64)[..., None], x.shape)
+    count = weights.sum(axis=reduce, keepdims=True)
+    mean = (weights * x).sum(axis=reduce, keepdims=True) / count
+    variance = (weights * (x - mean) ** 2).sum(axis=reduce, keepdims=True) / count
+    shape = param_shape(x.shape, axis)
+    return mean.reshape(shape), variance.reshape(shape)
+
+
+def np_batch_norm(x, mean, variance, gamma, beta, epsilon, axis):
+    """Float64 `gamma * (x - mean) / sqrt(variance + epsilon) + beta` (parameters of the parameter shape)."""
+    x = np.asarray(x, np.float64)
+    keep = _keep_shape(x.shape, axis)
+
+    def b(p):
+        return np.asarray(p, np.float64).reshape(keep)
+
+    return b(gamma) * (x - b(mean)) / np.sqrt(b(variance) + epsilon) + b(beta)
+
+
+def np_batch_norm_train(x, gamma, beta, epsilon, axis, mask=None):
+    """Training-mode output and the batch statistics, in float64."""
+    mean, variance = np_moments(x, axis, mask)
+    return np_batch_norm(x, mean, variance, gamma, beta, epsilon, axis), mean, variance
+
+
+def np_batch_norm_grads(x, upstream, gamma, epsilon, axis, mask=None):
+    """Closed-form gradients of `sum(upstream * BN_train(x))` w.r.t. x, gamma and beta (float64).
+
+    With weights w (mask), n = sum(w), s = 1/sqrt(var + eps), xhat = (x - mean) s
+    and gh = upstream * gamma:
+      dx_i    = s gh_i - s w_i / n * sum(gh) - s^3 w_i (x_i - mean) / n * sum(gh (x - mean))
+      dgamma  = sum(upstream * xhat),   dbeta = sum(upstream)
+    (sums over the reduction axes; the statistics depend only on unmasked x).
+    """
+    x = np.asarray(x, np.float64)
+    g = np.asarray(upstream, np.float64)
+    rank = x.ndim
+    features = _feature_axes(rank, axis)
+    reduce = tuple(i for i in range(rank) if i not in features)
+    keep = _keep_shape(x.shape, axis)
+    w = np.ones_like(x) if mask is None else np.broadcast_to(np.asarray(mask, np.float64)[..., None], x.shape)
+    n = w.sum(axis=reduce, keepdims=True)
+    mean = (w * x).sum(axis=reduce, keepdims=True) / n
+    centered = x - mean
+    variance = (w * centered**2).sum(axis=reduce, keepdims=True) / n
+    s = 1.0 / np.sqrt(variance + epsilon)
+    gh = g * np.asarray(gamma, np.float64).reshape(keep)
+    dx = (
+        s * gh
+        - s * w / n * gh.sum(axis=reduce, keepdims=True)
+        - s**3 * w * centered / n * (gh * centered).sum(axis=reduce, keepdims=True)
+    )
+    shape = param_shape(x.shape, axis)
+    dgamma = (g * centered * s).sum(axis=reduce).reshape(shape)
+    dbeta = g.sum(axis=reduce).reshape(shape)
+    return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------ fresh processes
+
+
+def run_python(
+    code_or_args: Union[str, Sequence[str]],
+    env: Optional[Mapping[str, Optional[str]]] = None,
+    timeout: float = 600,
+    check: bool = True,
+    cwd: Union[str, Path, None] = None,
+) -> subprocess.CompletedProcess:
+    """Runs Python in a fresh process, with the repository importable.
+
+    Args:
+        code_or_args: A string of Python source (dedented, run with `-c`), or a
+            list of arguments for the interpreter (e.g. `["-m", "training.train", "--epochs", "1"]`).
+        env: Variables to set on top of the current environment; a value of
+            None removes the variable (e.g. `{"KERAS_BACKEND": None}`).
+            `PYTHONPATH` gets the repository root prepended and
+            `TF_CPP_MIN_LOG_LEVEL` defaults to 2.
+        timeout: Seconds before the process is killed (the test then fails).
+        check: Fail the calling test, showing the output's tail, when the
+            process exits non-zero.
+        cwd: Working directory (default: the repository root).
+
+    Returns:
+        The `subprocess.CompletedProcess`, with `stdout` and `stderr` as text.
+    """
+    if isinstance(code_or_args, str):
+        args = ["-c", textwrap.dedent(code_or_args)]
+    else:
+        args = [str(a) for a in code_or_args]
+    full_env = dict(os.environ)
+    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = str(value)
+    try:
+        result = subprocess.run(
+            [sys.executable, *args],
+            env=full_env,
+            cwd=str(cwd or REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"subprocess timed out after {timeout}s: {args[:2]}\n{_tail(error.stdout)}\n{_tail(error.stderr)}")
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"subprocess exited with {result.returncode}: {args[:2]}\n"
+            f"--- stdout ---\n{_tail(result.stdout)}\n--- stderr ---\n{_tail(result.stderr)}"
+        )
+    return result
+
+
+def _tail(text, limit: int = 4000) -> str:
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return text[-limit:]
+
+
+@pytest.fixture(name="run_python")
+def _run_python_fixture():
+    """The `run_python` helper, as a fixture."""
+    return run_python
