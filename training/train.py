@@ -166,10 +166,8 @@ def run(config: TrainConfig) -> dict:
 
 
 def _export(run_dir: str) -> None:
-    try:
-        from training import export
-    except ImportError:
-        return
+    from training import export
+
     export.export_run(run_dir)
 
 
@@ -185,10 +183,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # data errors and the like: one clear line, not a traceback
+    except Exception as error:  # data and export errors: one clear line, not a traceback
         from training.data import DataError
+        from training.export import ExportError
 
-        if isinstance(error, DataError):
+        if isinstance(error, (DataError, ExportError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
