@@ -54,3 +54,34 @@ def fused_batch_norm_training(x, gamma, beta, epsilon: float, data_format: str):
     count = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(channels, tf.int64), tf.float32)
     variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
     return y, mean, variance
+
+
+def fused_affine_nhwc(x, a, b):
+    """`x * a + b` per channel of a 4-D NHWC tensor, in one pass of the fused kernel.
+
+    TensorFlow runs `x * a + b` as two element-wise ops, two passes over
+    memory; the inference kernel with mean 0, variance 1 and epsilon 0
+    computes `(x - 0) * rsqrt(1 + 0) * a + b`, the same affine map, in one.
+    On this project's 2-core CPU that halved the time for (128, 56, 56, 64)
+    and (64, 28, 28, 256), but was slower below 16 channels (see
+    `kerasbn.layer.FUSED_INFERENCE_MIN_CHANNELS`).
+
+    Args:
+        x: 4-D NHWC tensor (float16, bfloat16 or float32).
+        a, b: float32 scale and offset of shape `(channels,)`.
+
+    Returns:
+        `x * a + b` in the dtype of `x`.
+    """
+    channels = tf.shape(a)
+    y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        x,
+        tf.cast(a, tf.float32),
+        tf.cast(b, tf.float32),
+        mean=tf.zeros(channels, tf.float32),
+        variance=tf.ones(channels, tf.float32),
+        epsilon=0.0,
+        data_format="NHWC",
+        is_training=False,
+    )
+    return y

@@ -18,6 +18,10 @@ from keras import constraints, initializers, ops, regularizers
 from kerasbn import ops as bn_ops
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# Below this many channels, two element-wise ops beat the fused inference
+# kernel on CPU (measured: (256, 24, 24, 6) 1.1 ms vs 1.5 ms; (256, 8, 8, 16)
+# 0.56 ms vs 0.34 ms).
+FUSED_INFERENCE_MIN_CHANNELS = 16
 
 
 def _is_tensorflow() -> bool:
@@ -284,15 +288,36 @@ class BatchNorm(keras.layers.Layer):
     def _inference(self, inputs):
         """`call(training=False)`: the folded formula with the moving statistics.
 
-        Shared, unchanged, by the compiled `inference_function`.
+        `(a, b) = fold_affine(moving statistics, gamma, beta)`, then `x * a + b`;
+        the compiled `inference_function` runs this very method. On the
+        TensorFlow backend, 4-D NHWC inputs with at least
+        `FUSED_INFERENCE_MIN_CHANNELS` channels apply `x * a + b` through the
+        fused kernel, one pass over memory instead of two.
         """
         dtype = bn_ops.statistics_dtype(inputs.dtype)
-        x = ops.cast(inputs, dtype)
-        mean, variance, gamma, beta = self._broadcast(
-            len(inputs.shape), self.moving_mean, self.moving_variance, self.gamma, self.beta, dtype=dtype
+        a, b = bn_ops.fold_affine(
+            *(bn_ops.cast_optional(p, dtype) for p in (
+                self.moving_mean, self.moving_variance, self.gamma, self.beta
+            )),
+            epsilon=self.epsilon,
         )
-        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
-        return ops.cast(outputs, self.compute_dtype)
+        if self._use_fused_inference(inputs):
+            from kerasbn.fused import fused_affine_nhwc
+
+            return ops.cast(fused_affine_nhwc(inputs, a, b), self.compute_dtype)
+        x = ops.cast(inputs, dtype)
+        a, b = self._broadcast(len(inputs.shape), a, b, dtype=dtype)
+        return ops.cast(bn_ops.apply_affine(x, a, b), self.compute_dtype)
+
+    def _use_fused_inference(self, inputs) -> bool:
+        return (
+            self.fused is not False
+            and _is_tensorflow()
+            and len(inputs.shape) == 4
+            and self._feature_axes == (3,)
+            and inputs.shape[3] >= FUSED_INFERENCE_MIN_CHANNELS
+            and keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
+        )
 
     def _train_forward(self, inputs, mask):
         self._check_batch_size(tuple(inputs.shape))

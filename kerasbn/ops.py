@@ -115,6 +115,11 @@ def normalize(x, mean, variance, gamma=None, beta=None, epsilon: float = 1e-3):
     broadcast against `x`.
     """
     a, b = fold_affine(mean, variance, gamma, beta, epsilon)
+    return apply_affine(x, a, b)
+
+
+def apply_affine(x, a, b):
+    """`x * a + b`: the folded normalization, `a` and `b` broadcast against `x`."""
     return x * a + b
 
 

@@ -1206,3 +1206,34 @@ def test_axis_attribute_keeps_the_type_it_was_given_like_the_stock_layer():
     assert BatchNorm().axis == -1 and BatchNorm(axis=1).get_config()["axis"] == 1
     assert BatchNorm(axis=(1, 3)).axis == [1, 3]
     assert BatchNorm.from_config(BatchNorm(axis=[1, 3]).get_config()).axis == [1, 3]
+
+
+@tf_only
+@pytest.mark.parametrize(
+    "shape, kwargs, dtype, fused_expected",
+    [
+        ((2, 3, 3, 16), {}, "float32", True),
+        ((2, 3, 3, 32), {}, "float16", True),
+        ((2, 3, 3, 16), {"fused": False}, "float32", False),
+        ((2, 3, 3, 15), {}, "float32", False),  # below FUSED_INFERENCE_MIN_CHANNELS
+        ((2, 16, 3, 3), {"axis": 1}, "float32", False),  # NCHW: the kernel was slower than x * a + b
+        ((4, 16), {}, "float32", False),
+        ((2, 3, 3, 16), {}, "float64", False),
+    ],
+)
+def test_inference_applies_the_affine_map_with_the_fused_kernel_where_faster(rng, shape, kwargs, dtype, fused_expected):
+    import tensorflow as tf
+
+    layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
+    randomize_weights(rng, layer)
+    graph = layer.inference_function.get_concrete_function().graph
+    assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == fused_expected
+    x = sample(rng, shape, loc=0.5, scale=2.0).astype(dtype)
+    mean, variance, gamma, beta = (value(layer, n) for n in ("moving_mean", "moving_variance", "gamma", "beta"))
+    axis = kwargs.get("axis", -1)
+    expected = np_batch_norm(x.astype("float64"), mean, variance, gamma, beta, layer.epsilon, axis)
+    tolerance = 1e-2 if dtype == "float16" else 1e-5
+    got = to_numpy(layer(x, training=False))
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+    np.testing.assert_array_equal(to_numpy(layer.inference_function(tf.constant(x))), got)

@@ -1,0 +1,38 @@
+"""kerasbn's benchmark: the layer against keras, the raw kernel and the memory floor.
+
+    python -m bench                  # everything, about 10 minutes on a 2-core machine
+    python -m bench --quick          # a ~1-minute smoke version (the tests run it)
+    python -m bench --suite layer --repeats 9 --out /tmp/bench
+
+Results go to bench/results/<date>-<host>.md and .json, copied to latest.md
+and latest.json. The suites (see `bench.suites` for how to add one):
+
+* floor:    memory bandwidth from a large copy; every layer measurement is
+            also reported against it.
+* layer:    the BN layer alone, train step and inference, six
+            implementations side by side (`bench.implementations`).
+* training: LeNet-BN training throughput, --norm kerasbn/keras/none, 1 and
+            2 replicas (needs `training.models.build_lenet`).
+* export:   STUB, not done: SavedModel folded vs unfolded, once the export
+            issue lands.
+
+This module stays free of TensorFlow imports: `python -m bench` sets the
+environment first, and the training worker configures devices before
+TensorFlow starts.
+"""
+
+from bench.suites import SUITES, BenchConfig, Suite, SuiteResult, register_suite
+
+SUITE_MODULES = ("bench.floor", "bench.layer_suite", "bench.training_suite", "bench.export_suite")
+
+
+def load_suites() -> dict:
+    """Imports the suite modules (registering them in order) and returns `SUITES`."""
+    import importlib
+
+    for module in SUITE_MODULES:
+        importlib.import_module(module)
+    return SUITES
+
+
+__all__ = ["SUITES", "BenchConfig", "Suite", "SuiteResult", "load_suites", "register_suite"]

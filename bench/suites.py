@@ -1,0 +1,207 @@
+"""The registry of benchmark suites, and the config every suite reads.
+
+A suite is one part of the benchmark (the layer alone, the memory floor, LeNet
+training, the exported SavedModel). It is a function that takes the run's
+`BenchConfig` and the results of the suites that ran before it, and returns a
+`SuiteResult`: a status and a list of records (plain dicts, the rows of the
+JSON file). Register a new suite with the decorator:
+
+    @register_suite("export", "SavedModel inference, folded against unfolded")
+    def run_export(config: BenchConfig, previous: dict) -> SuiteResult:
+        ...
+        return SuiteResult(status="ok", records=[measurement(...), ...])
+
+`python -m bench --suite NAME` picks suites by name; `requires` names suites
+whose results this one reads (they are run first, also when not asked for).
+A suite that is only a placeholder registers with `counts_as_done=False`, and
+the report marks it as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
+
+# Fields that, with `suite`, identify what was measured; two records that
+# agree on them (and differ in `implementation`) are compared in ratios.
+GROUP_FIELDS = ("suite", "shape", "layout", "mode", "jit", "replicas")
+REFERENCE_IMPLEMENTATION = "keras"
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What `python -m bench` was asked to do.
+
+    Attributes:
+        quick: The ~1-minute smoke version: fewer shapes, repeats and steps.
+        suites: Names of the suites to run, in registry order; empty runs all.
+        repeats: Timed repetitions per measurement; None uses each suite's
+            default (more for a full run than for `quick`).
+        out: Folder the `.md` and `.json` files are written to.
+    """
+
+    quick: bool = False
+    suites: Tuple[str, ...] = ()
+    repeats: Optional[int] = None
+    out: pathlib.Path = DEFAULT_OUT
+
+    def __post_init__(self):
+        if self.repeats is not None and (isinstance(self.repeats, bool) or self.repeats < 1):
+            raise ValueError(f"`repeats` must be a positive integer or None. Received: repeats={self.repeats!r}")
+        unknown = [name for name in self.suites if name not in SUITES]
+        if unknown:
+            raise ValueError(
+                f"`suites` names unknown suites {unknown}; known: {list(SUITES)}. Received: suites={list(self.suites)}"
+            )
+        self.out = pathlib.Path(self.out)
+
+    def repeats_or(self, full: int, quick: int) -> int:
+        """The `--repeats` value, else the suite's default for this kind of run."""
+        if self.repeats is not None:
+            return self.repeats
+        return quick if self.quick else full
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    """What one suite produced.
+
+    Attributes:
+        status: "ok", "skipped" (could not run here; `reason` says why) or
+            "failed" (raised; `reason` holds the error).
+        records: Measurement and other records, as dicts.
+        reason: Why the suite was skipped or failed; empty when ok.
+        notes: Lines for the report (how the suite measured, what it skipped).
+    """
+
+    status: str = "ok"
+    records: List[dict] = dataclasses.field(default_factory=list)
+    reason: str = ""
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+
+SuiteFunction = Callable[[BenchConfig, Dict[str, SuiteResult]], SuiteResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A registered suite.
+
+    Attributes:
+        name: What `--suite` calls it; also the `suite` field of its records.
+        description: One line for `--help` and the report.
+        run: The suite function.
+        requires: Suites that must run before this one (their results are
+            passed to `run`).
+        counts_as_done: False for a placeholder that only reports "skipped".
+    """
+
+    name: str
+    description: str
+    run: SuiteFunction
+    requires: Tuple[str, ...] = ()
+    counts_as_done: bool = True
+
+
+SUITES: Dict[str, Suite] = {}
+
+
+def register_suite(
+    name: str,
+    description: str,
+    requires: Sequence[str] = (),
+    counts_as_done: bool = True,
+):
+    """Decorator adding a suite function to `SUITES` under `name`.
+
+    Suites run in the order they are registered (dependencies first).
+    """
+
+    def decorate(function: SuiteFunction) -> SuiteFunction:
+        if name in SUITES:
+            raise ValueError(f"A suite named {name!r} is already registered. Received: name={name!r}")
+        missing = [r for r in requires if r not in SUITES]
+        if missing:
+            raise ValueError(
+                f"Suite {name!r} requires {missing}, which must be registered before it. "
+                f"Received: requires={list(requires)}"
+            )
+        SUITES[name] = Suite(name, description, function, tuple(requires), counts_as_done)
+        return function
+
+    return decorate
+
+
+def resolve(names: Sequence[str]) -> List[Suite]:
+    """The suites to run for `names` (all when empty), dependencies added, in registry order."""
+    wanted = set(names or SUITES)
+    pending = list(wanted)
+    while pending:
+        for dependency in SUITES[pending.pop()].requires:
+            if dependency not in wanted:
+                wanted.add(dependency)
+                pending.append(dependency)
+    return [suite for name, suite in SUITES.items() if name in wanted]
+
+
+def measurement(
+    suite: str,
+    implementation: str,
+    shape: Sequence[int],
+    layout: str,
+    mode: str,
+    jit: bool,
+    seconds: Sequence[float],
+    replicas: int = 1,
+    **extra,
+) -> dict:
+    """A measurement record from the per-repetition times of one implementation.
+
+    `ratio_to_keras` is filled in later (`report.add_ratios`), once the
+    reference implementation of the same group has been measured.
+    """
+    from bench.timing import summarize
+
+    stats = summarize(seconds)
+    return {
+        "record": "measurement",
+        "suite": suite,
+        "implementation": implementation,
+        "shape": list(shape),
+        "layout": layout,
+        "mode": mode,
+        "jit": bool(jit),
+        "replicas": int(replicas),
+        **stats,
+        "ratio_to_keras": None,
+        **extra,
+    }
+
+
+def skipped(
+    suite: str,
+    implementation: str,
+    shape: Sequence[int],
+    layout: str,
+    mode: str,
+    jit: bool,
+    reason: str,
+    replicas: int = 1,
+    **extra,
+) -> dict:
+    """A record saying one measurement could not be taken here, and why."""
+    return {
+        "record": "skipped",
+        "suite": suite,
+        "implementation": implementation,
+        "shape": list(shape),
+        "layout": layout,
+        "mode": mode,
+        "jit": bool(jit),
+        "replicas": int(replicas),
+        "reason": reason,
+        **extra,
+    }
