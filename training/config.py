@@ -51,7 +51,7 @@ class TrainConfig:
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size}
         for name, value in positive_ints.items():
             if value < 1:
-                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {_flag(name)}={value}")
+                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"`--lr` must be a positive finite number. Received: lr={self.lr}")
         if not 0.0 <= self.bn_momentum < 1.0:

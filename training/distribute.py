@@ -75,14 +75,27 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True for the process that writes artifacts: always, except non-chief multi-workers."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = tf_config.get("task", {})
     task_type, index = task.get("type"), task.get("index", 0)
-    has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    has_chief = "chief" in tf_config.get("cluster", {})
     return task_type == "chief" or (not has_chief and task_type == "worker" and index == 0)
 
 
+def num_workers_from_tf_config() -> int:
+    """Workers (chief included) in the cluster TF_CONFIG describes; 0 without TF_CONFIG."""
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
 def describe(strategy: tf.distribute.Strategy) -> str:
-    """E.g. 'MirroredStrategy on 2 replicas (/job:localhost/.../CPU:0, ...CPU:1)'."""
+    """E.g. 'MirroredStrategy on 2 replica(s) (CPU:0, CPU:1)'."""
     devices = getattr(strategy.extended, "worker_devices", ()) or ()
     short = ", ".join(d.split("/")[-1].replace("device:", "") for d in devices)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Its class is CollectiveAllReduceStrategy; worker_devices are this worker's.
+        return (
+            f"MultiWorkerMirroredStrategy on {strategy.num_replicas_in_sync} replica(s) over "
+            f"{num_workers_from_tf_config()} worker(s) ({short} on each)"
+        )
     return f"{type(strategy).__name__} on {strategy.num_replicas_in_sync} replica(s) ({short})"

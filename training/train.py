@@ -60,6 +60,14 @@ def run(config: TrainConfig) -> dict:
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
+    if config.strategy == "multi-worker":
+        # Checked before the strategy is built: building it waits for every peer.
+        workers = distribute.num_workers_from_tf_config()
+        if workers and config.batch_size % workers:
+            raise ConfigError(
+                f"`--batch-size` must be divisible by the {workers} workers of multi-worker training "
+                f"(each worker takes an equal share). Received: batch_size={config.batch_size}"
+            )
     strategy = distribute.get_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
     if config.strategy == "multi-worker" and config.batch_size % replicas:
@@ -107,13 +115,21 @@ def run(config: TrainConfig) -> dict:
     )
     title = f"LeNet-{config.norm} lr={config.lr:g} batch={config.batch_size} ({distribute.describe(strategy)})"
 
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard")) if chief else None
+    logged = 0  # history rows this process has written to TensorBoard
+
     def on_epoch_end(history):
+        # After a resume the first call logs the restored epochs again, so a
+        # kill between checkpoint and logging loses no epoch's scalars.
+        nonlocal logged
         artifacts.write_csv(os.path.join(run_dir, "history.csv"), history, HISTORY_COLUMNS)
         artifacts.plot_curves(os.path.join(run_dir, "curves.png"), history, title)
-        with tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard")).as_default():
-            row = history[-1]
-            for key in HISTORY_COLUMNS[1:]:
-                tf.summary.scalar(key, row[key], step=row["epoch"])
+        with writer.as_default():
+            for row in history[logged:]:
+                for key in HISTORY_COLUMNS[1:]:
+                    tf.summary.scalar(key, row[key], step=row["epoch"])
+        writer.flush()
+        logged = len(history)
 
     began = time.perf_counter()
     history = loop.fit(
@@ -123,6 +139,8 @@ def run(config: TrainConfig) -> dict:
         steps_per_epoch,
         on_epoch_end,
     )
+    if chief:
+        on_epoch_end(history)  # a run resumed after its last checkpoint trained nothing new
     last = history[-1]
     summary = {
         "epochs": last["epoch"],
