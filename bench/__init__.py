@@ -13,8 +13,8 @@ and latest.json. The suites (see `bench.suites` for how to add one):
             implementations side by side (`bench.implementations`).
 * training: LeNet-BN training throughput, --norm kerasbn/keras/none, 1 and
             2 replicas (needs `training.models.build_lenet`).
-* export:   STUB, not done: SavedModel folded vs unfolded, once the export
-            issue lands.
+* export:   the exported LeNet-BN SavedModel's inference, BN folded vs
+            unfolded, batch 1 and 256 (`bench.export_suite`).
 
 This module stays free of TensorFlow imports: `python -m bench` sets the
 environment first, and the training worker configures devices before

@@ -1,39 +1,194 @@
-"""Part 4 (NOT DONE, placeholder): exported SavedModel inference, folded against unfolded.
+"""Part 4: inference of the exported LeNet-BN SavedModel, batch norm folded against unfolded.
 
-STUB. This suite only reports itself skipped ("export not yet implemented")
-until the export issue lands; it is registered with `counts_as_done=False`
-and the report says so.
+A LeNet-BN (`training.models.build_lenet("kerasbn")`) with randomized
+moving statistics, gammas and betas (seeded; no training needed, the speed
+does not depend on the values, but folding then has real work to do and the
+outputs are checked against the Keras model's) is exported twice with
+`training.export.export_model` into a temporary folder:
 
-What it is to measure, once the export issue is done: inference throughput
-and latency at batch 1 and 256 of the exported LeNet-BN SavedModel, with
-the batch norms folded into the preceding kernels (`export_model(model,
-fold_bn=True)` in `training/export.py`, in progress when this stub was
-written) against left as layers (`fold_bn=False`): export a freshly built
-`training.models.build_lenet()` both ways into a temporary folder, load each
-with `tf.saved_model.load`, and time the `serving_float` signature
-interleaved (`bench.timing.time_interleaved`). Records: suite "export",
-implementation "folded" / "unfolded", layout "NHWC", mode "inference", jit
-False, shape (batch, 28, 28, 1), plus `examples_per_s`; the goal (folded at
-least 1.3x the throughput of unfolded at batch 256) is already read from
-such records by `bench.report.goal_export`, and `report.render` tables them.
+* `savedmodel_folded` (`fold_bn=True`): every batch norm folded into the
+  kernel and bias of the Conv2D/Dense before it; the graph holds no
+  batch-norm op.
+* `savedmodel_unfolded` (`fold_bn=False`): each `kerasbn.BatchNorm` runs as
+  its compiled inference path (`x * a + b`: the fused kernel for the
+  16-channel conv output, two element-wise ops for the others).
+
+Both are loaded back with `tf.saved_model.load` and their `serving_float`
+signature (float32 `[batch, 28, 28, 1]` in, logits, probabilities and class
+ids out) is timed, interleaved in one process with a third candidate,
+`keras`: the Keras model's own predict step,
+`tf.function(lambda x: model(x, training=False))`. In this suite
+`ratio_to_keras` is relative to that predict step, not to
+keras.layers.BatchNormalization as in the layer suite.
+
+Batch 1 measures latency (one request: Python dispatch of the signature
+included, as a Python server pays it), batch 256 throughput
+(`examples_per_s`). The issue's goal, folded at least 1.3x the throughput of
+unfolded at batch 256, is evaluated by `bench.report.goal_export`.
 """
 
 from __future__ import annotations
 
-from bench.suites import BenchConfig, SuiteResult, register_suite
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List
 
-STUB_REASON = "export not yet implemented"
+import numpy as np
+
+from bench.suites import BenchConfig, SuiteResult, measurement, register_suite, skipped
+from bench.timing import Candidate, time_interleaved
+
+SUITE = "export"
+BATCHES = (1, 256)
+IMAGE_SHAPE = (28, 28, 1)
+FOLDED, UNFOLDED, KERAS = "savedmodel_folded", "savedmodel_unfolded", "keras"
+IMPLEMENTATIONS: Dict[str, str] = {
+    FOLDED: "SavedModel exported with fold_bn=True (BN folded into the kernels), serving_float signature",
+    UNFOLDED: "SavedModel exported with fold_bn=False (each BatchNorm's inference_function), serving_float signature",
+    KERAS: "the Keras model's predict step, tf.function(model(x, training=False)): the reference, ratio 1",
+}
+SIGNATURE = "serving_float"
+# Folded and unfolded compute the same logits up to float32 rounding.
+LOGIT_TOLERANCE = 1e-3
 
 
-@register_suite(
-    "export",
-    "STUB (not done): SavedModel inference throughput/latency, folded vs unfolded, batch 1 and 256",
-    counts_as_done=False,
-)
+def randomize_batch_norms(model, seed: int = 0) -> int:
+    """Gives every batch norm of `model` random moving statistics, gamma and beta; returns how many.
+
+    A freshly built model has mean 0, variance 1, gamma 1 and beta 0, which
+    folding turns into (almost) nothing; random values make the folded
+    kernels differ from the originals, so the output check means something.
+    """
+    rng = np.random.default_rng(seed)
+    count = 0
+    for layer in model.layers:
+        if not hasattr(layer, "moving_variance"):
+            continue
+        shape = tuple(layer.moving_mean.shape)
+        layer.moving_mean.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        if layer.gamma is not None:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+        if layer.beta is not None:
+            layer.beta.assign(rng.normal(0.0, 0.2, shape).astype("float32"))
+        count += 1
+    return count
+
+
+def _serving_call(signature, x):
+    def call():
+        return signature(images=x)
+
+    return call
+
+
+def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetition_s: float, extra: dict) -> List[dict]:
+    """Times the two SavedModels and the Keras predict step on one batch size; returns its records."""
+    import tensorflow as tf
+
+    label = dict(shape=(batch, *IMAGE_SHAPE), layout="NHWC", mode="inference", jit=False)
+    x = tf.constant(np.random.default_rng(batch).uniform(0.0, 1.0, (batch, *IMAGE_SHAPE)).astype("float32"))
+    expected = predict(x).numpy()
+    records: List[dict] = []
+    candidates = [Candidate(KERAS, lambda: predict(x))]
+    differences = {KERAS: 0.0}
+    for name, signature in signatures.items():
+        logits = signature(images=x)["logits"].numpy()  # also the first (warm-up) call
+        differences[name] = float(np.max(np.abs(logits - expected)))
+        if not differences[name] <= LOGIT_TOLERANCE:
+            records.append(
+                skipped(
+                    SUITE, name,
+                    reason=f"logits differ from the Keras model's by {differences[name]:.3g} > {LOGIT_TOLERANCE:g}",
+                    **label,
+                )
+            )  # fmt: skip
+            continue
+        candidates.append(Candidate(name, _serving_call(signature, x)))
+    timings = time_interleaved(candidates, repeats=repeats, min_repetition_s=min_repetition_s, warmup_calls=2)
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    for name, timing in timings.items():
+        if timing.error:
+            records.append(skipped(SUITE, name, reason=timing.error, **label))
+            continue
+        record = measurement(SUITE, name, seconds=timing.seconds, **label)
+        record.update(
+            batch=batch,
+            examples_per_s=batch / record["median_s"],
+            calls_per_repetition=timing.calls_per_repetition,
+            max_abs_logit_diff_to_keras=differences[name],
+            load_average=load,
+            **extra.get(name, {}),
+        )
+        records.append(record)
+    return records
+
+
+def _progress(batch: int, records: List[dict]) -> str:
+    times = {r["implementation"]: r["median_s"] for r in records if r["record"] == "measurement"}
+    parts = [f"{name} {times[name] * 1e3:.3g} ms" for name in IMPLEMENTATIONS if name in times]
+    if FOLDED in times and UNFOLDED in times:
+        parts.append(f"folded/unfolded throughput {times[UNFOLDED] / times[FOLDED]:.2f}x")
+    return f"[export] batch {batch}: " + ", ".join(parts)
+
+
+@register_suite(SUITE, "exported LeNet-BN SavedModel inference, BN folded vs unfolded, batch 1 and 256")
 def run_export(config: BenchConfig, previous) -> SuiteResult:
-    del config, previous
-    return SuiteResult(
-        status="skipped",
-        reason=STUB_REASON,
-        notes=["STUB: placeholder for the export issue; nothing is measured yet."],
+    del previous
+    try:
+        import tensorflow as tf
+
+        from training.export import BATCH_NORM_OP_TYPES, export_model, graph_op_types
+        from training.models import build_lenet
+    except ImportError as error:
+        return SuiteResult(status="skipped", reason=f"training.export not available ({type(error).__name__}: {error})")
+
+    repeats = config.repeats_or(full=15, quick=3)
+    min_repetition_s = 0.02 if config.quick else 0.2
+    model = build_lenet("kerasbn")
+    randomized = randomize_batch_norms(model)
+    predict = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)],
+        autograph=False,
     )
+    records: List[dict] = []
+    with tempfile.TemporaryDirectory(prefix="kerasbn-bench-export-") as folder:
+        signatures, extra, loaded_models = {}, {}, []
+        for name, fold_bn in ((FOLDED, True), (UNFOLDED, False)):
+            start = time.perf_counter()
+            version_dir = export_model(model, folder, name, fold_bn=fold_bn)
+            exported = time.perf_counter()
+            loaded = tf.saved_model.load(version_dir)
+            # The signature holds its variables weakly: keep the loaded object alive.
+            loaded_models.append(loaded)
+            signatures[name] = loaded.signatures[SIGNATURE]
+            op_types = graph_op_types(version_dir)
+            extra[name] = {
+                "signature": SIGNATURE,
+                "fold_bn": fold_bn,
+                "export_s": exported - start,
+                "load_s": time.perf_counter() - exported,
+                # Op counts over all the SavedModel's functions (logits, serve, serve_float).
+                "batch_norm_ops": {op: op_types[op] for op in sorted(BATCH_NORM_OP_TYPES & set(op_types))},
+            }
+        for batch in BATCHES:
+            batch_records = run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
+            records.extend(batch_records)
+            print(_progress(batch, batch_records), file=sys.stderr, flush=True)
+    notes = [
+        f"LeNet-BN (training.models.build_lenet('kerasbn')) with {randomized} batch norms given seeded random "
+        "moving statistics, gamma and beta; exported with training.export.export_model(fold_bn=True / False) "
+        "into a temporary folder and loaded back with tf.saved_model.load.",
+        f"Timed: the `{SIGNATURE}` signature (float32 [batch, 28, 28, 1] in; logits, probabilities, class ids out), "
+        "called from Python. `keras` here is the Keras model's own predict step, "
+        "tf.function(model(x, training=False)), and ratio_to_keras is relative to it (not to "
+        "keras.layers.BatchNormalization as in the layer suite).",
+        f"Warm-up: one checked call (logits compared with the Keras model's, max |difference| <= {LOGIT_TOLERANCE:g}) "
+        f"and two more; then {repeats} repetitions interleaved across the three (order rotated each round), each "
+        f"averaging enough calls to last >= {min_repetition_s * 1e3:.0f} ms. Batch 1: latency per request; "
+        "batch 256: throughput (examples/s).",
+    ]
+    return SuiteResult(records=records, notes=notes)

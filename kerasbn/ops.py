@@ -17,6 +17,7 @@ which equals `gamma * (x - mean) / sqrt(variance + epsilon) + beta`.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import keras
@@ -152,6 +153,43 @@ def fold_into_kernel(
     new_kernel = kernel * a
     new_bias = b if bias is None else bias * a + b
     return new_kernel, new_bias
+
+
+def widen_factor(rows: int, channels: int, lanes: int = 16) -> int:
+    """The k of a widened view `(rows / k, k * channels)` of a `(rows, channels)` matrix.
+
+    The smallest k making `k * channels` a multiple of `lanes` (floats per
+    SIMD register pair), halved until it divides `rows`; 1 when no widening
+    helps. Reductions over few channels vectorize poorly; the widened view
+    computes the same per-channel sums on full registers.
+    """
+    k = lanes // math.gcd(channels, lanes)
+    while k > 1 and rows % k:
+        k //= 2
+    return k
+
+
+def widened_moments(x_wide, channels: int) -> Tuple[object, object]:
+    """Per-channel mean and variance of a widened view.
+
+    Args:
+        x_wide: `(rows / k, k * channels)`, column `j` holding channel
+            `j % channels` (a row-major reshape of `(rows, channels)`).
+        channels: The number of channels.
+
+    Returns:
+        `(mean, variance)` of shape `(channels,)`, equal to `moments` of the
+        `(rows, channels)` matrix over axis 0: each of the k column groups
+        holds the same number of rows, so the mean of their means is exact.
+    """
+    k = x_wide.shape[-1] // channels
+
+    def channel_mean(t):
+        return ops.mean(ops.reshape(ops.mean(t, axis=0), (k, channels)), axis=0)
+
+    mean = channel_mean(x_wide)
+    variance = channel_mean(ops.square(x_wide - ops.tile(ops.stop_gradient(mean), (k,))))
+    return mean, variance
 
 
 def broadcast_shape(rank: int, axes: Sequence[int], param_shape: Sequence[int]) -> Tuple[int, ...]:

@@ -25,6 +25,7 @@ from bench.timing import Candidate, summarize, time_interleaved
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMPLEMENTATIONS = ("kerasbn", "kerasbn_fused", "kerasbn_generic", "keras", "scratch", "tf_fused_kernel")
+EXPORT_IMPLEMENTATIONS = ("savedmodel_folded", "savedmodel_unfolded", "keras")
 REQUIRED_FIELDS = (
     "implementation", "shape", "layout", "mode", "jit", "median_s", "min_s", "max_s", "ratio_to_keras",
 )  # fmt: skip
@@ -123,11 +124,8 @@ def test_quick_run_measurements_are_consistent(quick_records):
 def test_quick_run_suites_and_skips(quick_records):
     suites = {r["name"]: r for r in quick_records if r["record"] == "suite"}
     assert list(suites) == ["floor", "layer", "training", "export"]
-    assert suites["floor"]["status"] == suites["layer"]["status"] == "ok"
-    # Part 4 is a placeholder, and says so.
-    assert suites["export"]["status"] == "skipped"
-    assert suites["export"]["reason"] == "export not yet implemented"
-    assert suites["export"]["counts_as_done"] is False
+    assert suites["floor"]["status"] == suites["layer"]["status"] == suites["export"]["status"] == "ok"
+    assert all(suite["counts_as_done"] for suite in suites.values())
     training = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "training"]
     if suites["training"]["status"] == "skipped":
         assert suites["training"]["reason"].startswith("training.models not available")
@@ -142,6 +140,49 @@ def test_quick_run_suites_and_skips(quick_records):
     for record in quick_records:
         if record["record"] == "skipped":
             assert record["reason"], record
+
+
+@pytest.mark.slow
+def test_quick_run_export_suite_records(quick_run, quick_records):
+    completed, out = quick_run
+    export = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "export"]
+    assert [r for r in quick_records if r["record"] == "skipped" and r["suite"] == "export"] == []
+    assert sorted((r["implementation"], r["shape"][0]) for r in export) == sorted(
+        (name, batch) for name in EXPORT_IMPLEMENTATIONS for batch in (1, 256)
+    )
+    for record in export:
+        for field in REQUIRED_FIELDS:
+            assert field in record, (field, record)
+        assert record["shape"] == [record["batch"], 28, 28, 1]
+        assert (record["layout"], record["mode"], record["jit"], record["replicas"]) == ("NHWC", "inference", False, 1)
+        assert 0 < record["min_s"] <= record["median_s"] <= record["max_s"]
+        assert record["examples_per_s"] == pytest.approx(record["batch"] / record["median_s"])
+        # ratio_to_keras is relative to the Keras model's predict step of the same batch.
+        keras_record = next(r for r in export if r["implementation"] == "keras" and r["batch"] == record["batch"])
+        assert record["ratio_to_keras"] == pytest.approx(record["median_s"] / keras_record["median_s"])
+        assert math.isfinite(record["ratio_to_keras"]) and record["ratio_to_keras"] > 0
+        # Folded and unfolded SavedModels compute the Keras model's logits.
+        assert record["max_abs_logit_diff_to_keras"] <= 1e-3, record
+        assert len(record["load_average"]) == 3
+    folded = {r["batch"]: r for r in export if r["implementation"] == "savedmodel_folded"}
+    unfolded = {r["batch"]: r for r in export if r["implementation"] == "savedmodel_unfolded"}
+    for batch in (1, 256):
+        assert folded[batch]["fold_bn"] is True and unfolded[batch]["fold_bn"] is False
+        assert folded[batch]["signature"] == unfolded[batch]["signature"] == "serving_float"
+        # The folded graph holds no batch-norm op; the unfolded one computes
+        # a = gamma * rsqrt(variance + epsilon) at run time (and may use the fused kernel).
+        assert folded[batch]["batch_norm_ops"] == {}
+        assert unfolded[batch]["batch_norm_ops"].get("Rsqrt", 0) >= 4
+    # The goal is evaluated from these records, and the report tables them.
+    (goal,) = report.goal_export(quick_records)
+    assert goal.status in ("met", "missed")
+    assert goal.detail.startswith(
+        f"folded {unfolded[256]['median_s'] / folded[256]['median_s']:.2f}x the throughput of unfolded at batch 256"
+    )
+    markdown = (out / "latest.md").read_text()
+    assert "## Exported SavedModel inference: BN folded vs unfolded" in markdown
+    assert "| 256 | savedmodel_folded |" in markdown
+    assert "batch=256 savedmodel_folded:" in completed.stdout
 
 
 # ------------------------------------------------------------------ pieces
@@ -248,15 +289,62 @@ def test_layer_goals_met_and_missed_with_numbers():
 
 def test_export_and_training_goals_say_why_they_were_not_evaluated():
     records = [
-        {"record": "suite", "name": "export", "status": "skipped", "reason": "export not yet implemented"},
+        {"record": "suite", "name": "export", "status": "skipped", "reason": "training.export not available"},
         {"record": "suite", "name": "training", "status": "skipped", "reason": "training.models not available"},
     ]
     (export,) = report.goal_export(records)
-    assert (export.status, export.detail) == ("not evaluated", "export suite skipped: export not yet implemented")
+    assert (export.status, export.detail) == ("not evaluated", "export suite skipped: training.export not available")
     assert [(g.status, g.detail) for g in report.goal_training(records)] == [
         ("not evaluated", "training suite skipped: training.models not available")
     ] * 2
     assert {g.detail for g in report.goal_layer(records)} == {"layer suite not run"}
+
+
+def _export_record(implementation, median, batch, minimum=None):
+    seconds = [median] if minimum is None else [minimum, median, median * 2]
+    record = measurement("export", implementation, (batch, 28, 28, 1), "NHWC", "inference", False, seconds)
+    record.update(batch=batch, examples_per_s=batch / record["median_s"], max_abs_logit_diff_to_keras=1e-6)
+    return record
+
+
+def test_export_goal_is_folded_over_unfolded_throughput_at_batch_256():
+    records = [
+        _export_record("keras", 0.010, 256),
+        _export_record("savedmodel_unfolded", 0.0105, 256, minimum=0.009),
+        _export_record("savedmodel_folded", 0.008, 256, minimum=0.0075),
+        _export_record("savedmodel_unfolded", 0.00096, 1),
+        _export_record("savedmodel_folded", 0.0008, 1),
+    ]
+    report.add_ratios(records)
+    (goal,) = report.goal_export(records)
+    # Medians 0.0105 / 0.008 = 1.31 >= 1.3: met; the fastest repetitions say 0.009 / 0.0075 = 1.20.
+    assert goal.status == "met"
+    assert goal.detail == (
+        "folded 1.31x the throughput of unfolded at batch 256 (32000 vs 24381 examples/s, 8 vs 10.5 ms; "
+        "fastest repetitions 1.20x); batch 1 latency 0.8 vs 0.96 ms (1.20x)"
+    )
+    records[1] = _export_record("savedmodel_unfolded", 0.0100, 256)
+    (goal,) = report.goal_export(records)
+    assert goal.status == "missed" and goal.detail.startswith("folded 1.25x the throughput")
+    # Only batch 1 measured: the goal has nothing to read.
+    (goal,) = report.goal_export(records[3:] + [{"record": "suite", "name": "export", "status": "ok", "reason": ""}])
+    assert (goal.status, goal.detail) == ("not evaluated", "no measurements for it in this run")
+
+
+def test_render_tables_the_export_suite_against_unfolded_and_keras_predict():
+    header = {
+        "record": "header", "date": "2026-01-02", "host": "box", "started_utc": "2026-01-02T00:00:00+00:00",
+        "machine": {"cpu_model": "Test CPU", "cores": 2, "devices": ["CPU:0"], "load_average_at_start": [0.1]},
+        "versions": {"python": "3.11"}, "command": "python -m bench", "quick": False,
+    }  # fmt: skip
+    records = [header, _export_record("keras", 0.010, 256), _export_record("savedmodel_unfolded", 0.012, 256)]
+    records.append(_export_record("savedmodel_folded", 0.006, 256))
+    records[-1]["load_average"] = [2.5, 3.0, 3.5]
+    report.add_ratios(records)
+    text = report.render(records)
+    assert "| 256 | savedmodel_folded | 6 | 6-6 | 42667 | 2.00x | 0.60x | 1.0e-06 | 2.5, 3.0, 3.5 |" in text
+    assert "| 256 | savedmodel_unfolded | 12 | 12-12 | 21333 | 1.00x | 1.20x | 1.0e-06 | - |" in text
+    assert "| Folded SavedModel >= 1.3x the throughput of unfolded at batch 256 | met | folded 2.00x" in text
 
 
 def test_training_goal_compares_kerasbn_with_keras_and_none_per_replica_count():
@@ -341,3 +429,84 @@ def test_scratch_layer_matches_closed_form_and_updates_moving_averages():
 def test_suite_result_defaults():
     result = SuiteResult()
     assert (result.status, result.records, result.reason, result.notes) == ("ok", [], "", [])
+
+
+# --------------------------------------------------- the LeNet profile's pieces
+
+
+def test_profile_attribute_splits_overlapping_ops_and_counts_gaps():
+    from bench.profile_lenet import attribute
+
+    ps = 10**9  # 1 ms in picoseconds
+    ops = [(0, 4 * ps, "a:Conv"), (2 * ps, 6 * ps, "b:Mul"), (7 * ps, 8 * ps, "c:Add"), (20 * ps, 30 * ps, "d:Out")]
+    shares, wall, summed = attribute(ops, [(0, 10 * ps)])
+    # 0-2 a alone, 2-4 a and b share, 4-6 b alone, 6-7 nothing, 7-8 c, 8-10 nothing; d is outside.
+    expected = {"a:Conv": 3e-3, "b:Mul": 3e-3, "c:Add": 1e-3, "(no op running)": 3e-3}
+    assert shares.keys() == expected.keys()
+    for name, seconds in expected.items():
+        assert shares[name] == pytest.approx(seconds)
+    assert wall == pytest.approx(10e-3) and summed == pytest.approx(9e-3)
+
+
+def test_profile_classify_names_layers_passes_and_the_rest():
+    from bench.profile_lenet import classify
+
+    groups = {"bn1": ("bn1", "bn"), "sigmoid_after_bn1": ("sigmoid_after_bn1", "sigmoid"), "conv1": ("conv1", "conv")}
+    assert classify("lenet_kerasbn_1/bn1_1/FusedBatchNormV3:_MklNativeFusedBatchNormV3", groups) == (
+        "bn1", "bn", "forward"
+    )  # fmt: skip
+    assert classify("gradient_tape/lenet_kerasbn_1/sigmoid_after_bn1_1/Sigmoid/SigmoidGrad:SigmoidGrad", groups) == (
+        "sigmoid_after_bn1", "sigmoid", "backward"
+    )  # fmt: skip
+    assert classify("compile_loss/sparse_categorical_crossentropy/Cast:Cast", groups)[:2] == ("loss", "loss")
+    assert classify("sgd_1/AssignSubVariableOp_3:AssignSubVariableOp", groups)[1] == "optimizer"
+    assert classify("(no op running)", groups) == ("(no op running)", "gaps", "-")
+
+
+def test_profile_suggested_rule_and_widen_factor():
+    from bench.profile_lenet import suggested_path, widen_factor
+
+    # LeNet's four BN inputs at batch 256, and the layer suite's other shapes.
+    assert [suggested_path(s) for s in [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84)]] == [
+        "generic", "fused", "generic", "generic"
+    ]  # fmt: skip
+    assert suggested_path((1024, 120)) == suggested_path((128, 56, 56, 64)) == "fused"
+    # 4-D: a multiple of 4 channels; 2-D: 100000 elements or more.
+    assert [suggested_path((2, 3, 3, c)) for c in (3, 4, 10, 12)] == ["generic", "fused", "generic", "fused"]
+    assert suggested_path((1000, 100)) == "fused" and suggested_path((999, 100)) == "generic"
+    assert suggested_path((None, 120)) == suggested_path((None, 24, 24, 8)) == "fused"
+    # k * C a multiple of 16 floats, k dividing the rows.
+    assert widen_factor(256 * 24 * 24, 6) == 8
+    assert widen_factor(256 * 64, 16) == 1
+    assert widen_factor(256, 120) == 2 and widen_factor(256, 84) == 4
+    assert widen_factor(6, 6) == 2 and widen_factor(5, 6) == 1
+
+
+def test_profile_widened_batch_norm_matches_the_closed_form_and_its_gradient():
+    tf = pytest.importorskip("tensorflow")
+    from bench.profile_lenet import widened_batch_norm
+
+    rng = np.random.default_rng(1)
+    x64 = rng.normal(2.0, 3.0, size=(4, 3, 2, 6))
+    gamma64, beta64 = rng.uniform(0.5, 1.5, 6), rng.normal(0.0, 1.0, 6)
+    x, gamma, beta = (tf.constant(v, tf.float32) for v in (x64, gamma64, beta64))
+    with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta])
+        y, mean, variance = widened_batch_norm(x, gamma, beta, 1e-3)
+        loss = tf.reduce_sum(y * tf.constant(np.arange(x64.size).reshape(x64.shape) % 7, tf.float32))
+    dx, dgamma, dbeta = tape.gradient(loss, [x, gamma, beta])
+    axes = (0, 1, 2)
+    expected_mean, expected_variance = x64.mean(axis=axes), x64.var(axis=axes)
+    xhat = (x64 - expected_mean) / np.sqrt(expected_variance + 1e-3)
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variance.numpy(), expected_variance, rtol=1e-5)
+    np.testing.assert_allclose(y.numpy(), xhat * gamma64 + beta64, atol=1e-4)
+    # Closed-form batch-norm gradients for upstream g.
+    g = (np.arange(x64.size).reshape(x64.shape) % 7).astype("float64")
+    np.testing.assert_allclose(dbeta.numpy(), g.sum(axis=axes), rtol=1e-5)
+    np.testing.assert_allclose(dgamma.numpy(), (g * xhat).sum(axis=axes), rtol=1e-4, atol=1e-4)
+    n = x64.size // 6
+    expected_dx = gamma64 / np.sqrt(expected_variance + 1e-3) / n * (
+        n * g - g.sum(axis=axes) - xhat * (g * xhat).sum(axis=axes)
+    )
+    np.testing.assert_allclose(dx.numpy(), expected_dx, rtol=1e-4, atol=1e-4)

@@ -579,10 +579,18 @@ FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
         ((2, 3, 3, 4), {"virtual_batch_size": 1}, "float32", False, False),
         ((2, 3, 3, 4), {"axis": 2}, "float32", False, False),
         ((2, 3, 3, 4), {"axis": [1, 3]}, "float32", False, False),
-        # Other ranks normalized over the last axis only go in as (-1, 1, 1, channels).
-        ((6, 3), {}, "float32", False, True),
-        ((2, 3, 4), {}, "float32", False, True),
-        ((2, 3, 2, 2, 4), {}, "float32", False, True),
+        # Other ranks normalized over the last axis only can go in as (-1, 1, 1, channels);
+        # fused=None does so where that was faster on CPU (>= 100,000 elements).
+        ((6, 3), {"fused": True}, "float32", False, True),
+        ((2, 3, 4), {"fused": True}, "float32", False, True),
+        ((2, 3, 2, 2, 4), {"fused": True}, "float32", False, True),
+        ((6, 3), {}, "float32", False, False),
+        ((2, 3, 2, 2, 4), {}, "float32", False, False),
+        ((1024, 120), {}, "float32", False, True),
+        # 4-D NHWC on CPU: fused where the channel count is a multiple of 4.
+        ((2, 3, 3, 6), {}, "float32", False, False),
+        ((2, 3, 3, 6), {"fused": True}, "float32", False, True),
+        ((2, 6, 3, 3), {"axis": 1}, "float32", False, False),
         ((2, 3, 4), {"axis": 1}, "float32", False, False),
         ((2, 3, 2, 2, 4), {"axis": 1}, "float32", False, False),
         # Without a strategy, synchronized statistics are local ones: fused is exact.
@@ -1237,3 +1245,46 @@ def test_inference_applies_the_affine_map_with_the_fused_kernel_where_faster(rng
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
     np.testing.assert_array_equal(to_numpy(layer.inference_function(tf.constant(x))), got)
+
+
+
+@tf_only
+@pytest.mark.parametrize(
+    "shape, kwargs, widened",
+    [
+        ((4, 6, 6, 6), {}, True),  # LeNet's first BN: 6 channels, k = 8
+        ((4, 6, 6, 6), {"fused": False}, True),
+        ((4, 4, 2), {}, True),
+        ((3, 5, 2), {}, False),  # no k > 1 divides the 15 rows
+        ((4, 6, 6, 16), {"fused": False}, False),  # 16 channels fill the registers already
+        ((4, 6, 6, 6), {"fused": True}, False),
+        ((4, 6, 6, 6), {"axis": 2}, False),
+        ((5, 3), {}, False),  # 2-D: k must divide the (unknown at inference) batch
+    ],
+)
+def test_few_channels_run_on_a_widened_view_with_the_same_numbers(rng, shape, kwargs, widened):
+    """(rows, C) viewed as (rows / k, k * C): same statistics, outputs, gradients and moving averages."""
+    import tensorflow as tf
+
+    layer = build(BatchNorm(momentum=0.7, **kwargs), shape)
+    randomize_weights(rng, layer)
+    graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(tf.TensorSpec(shape)).graph
+    assert ("Tile" in {op.type for op in graph.get_operations()}) == widened
+    axis = kwargs.get("axis", -1)
+    gamma, beta = value(layer, "gamma"), value(layer, "beta")
+    mean0, variance0 = value(layer, "moving_mean"), value(layer, "moving_variance")
+    x = sample(rng, shape, loc=1.5, scale=2.0)
+    expected, mean, variance = np_batch_norm_train(x.astype("float64"), gamma, beta, layer.epsilon, axis)
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value(layer, "moving_mean"), 0.7 * mean0 + 0.3 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value(layer, "moving_variance"), 0.7 * variance0 + 0.3 * variance, rtol=1e-5, atol=1e-6)
+    upstream = rng.normal(size=shape)
+    want = np_batch_norm_grads(x.astype("float64"), upstream, gamma, layer.epsilon, axis)
+    got = layer_gradients(layer, x, upstream.astype("float32"))
+    for name, g, w in zip(("inputs", "gamma", "beta"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+    inference = np_batch_norm(
+        x.astype("float64"), *(value(layer, n) for n in ("moving_mean", "moving_variance")), gamma, beta, layer.epsilon, axis
+    )
+    np.testing.assert_allclose(to_numpy(layer(x, training=False)), inference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer.inference_function(tf.constant(x))), inference, rtol=1e-5, atol=1e-5)

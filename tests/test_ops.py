@@ -226,3 +226,13 @@ def test_fused_batch_norm_training_matches_reference(rng, data_format, affine):
     np.testing.assert_allclose(to_numpy(mean), ref_mean, atol=1e-5)
     # The kernel reports the unbiased variance; the wrapper must return the biased one.
     np.testing.assert_allclose(to_numpy(variance), ref_variance, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, channels, expected_k", [(144, 6, 8), (16, 2, 8), (15, 2, 1), (12, 6, 4), (64, 16, 1), (64, 4, 4)])
+def test_widened_moments_equal_moments(rows, channels, expected_k):
+    k = bn_ops.widen_factor(rows, channels)
+    assert k == expected_k
+    x = np.random.default_rng(rows).normal(3.0, 2.0, size=(rows, channels)).astype("float32")
+    mean, variance = bn_ops.widened_moments(keras.ops.reshape(x, (-1, k * channels)), channels)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(mean), x.astype("float64").mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(variance), x.astype("float64").var(0), rtol=1e-5, atol=1e-6)
