@@ -1,0 +1,861 @@
+"""Learning-rate search for LeNet-BN with keras-tuner, under the training module's distribution strategy.
+
+    python -m training.tune                                          # the default search (`make tune`)
+    python -m training.tune --tuner hyperband --max-trials 20 --norm kerasbn
+    python -m training.tune --tuner bayesian --lr-min 1e-3 --lr-max 10 --norm none
+    python -m training.tune --compare-norms    # how large a learning rate can you use with and without BN?
+    python -m training.tune --cpu-replicas 2   # every trial under MirroredStrategy on 2 logical CPUs
+
+The recipe: flags -> a held-out slice of the training set -> keras-tuner
+search (each trial builds LeNet inside the strategy's scope, trains it with
+SGD at a learning rate drawn log-uniformly from [--lr-min, --lr-max] and is
+scored by its best validation accuracy on the held-out slice) -> results.csv,
+results.md (all trials, sorted by score), lr_vs_accuracy.png,
+best_hyperparameters.json -> the best configuration retrained on the full
+training set by `training.train` -> exported by `training.export`. The test
+set is never seen by the search: only the retraining of the chosen
+configuration evaluates on it (training.train's report).
+
+Everything goes to `runs/tune-<name>/`: the tuner's own project folder
+(`keras_tuner/`, one `trial_<id>/` per trial, each with our
+`kerasbn_trial.json`: hyperparameters, status, reason, history), the results
+files, `tune_config.json`, `summary.json`, and the retrained run `best/`.
+
+Defaults (`make tune` runs them): random search, 20 trials of 4 epochs on
+48,000 training examples, scored on the other 12,000, then 10 epochs of
+retraining on all 60,000. Measured on this 2-core machine with other jobs
+beside it (load ~4.5): 42 s per trial (750 SGD steps at batch 256, four
+validation passes, graph tracing), 14 minutes of search, 2 of retraining:
+16 minutes in all; an idle machine needs less.
+
+Why so many examples per trial: without BN, LeNet's sigmoids hold the loss
+at chance level for the first few hundred steps. On 10,000 examples x 2
+epochs (80 steps) the no-BN net stayed at chance for lr 0.9, 3 and 10
+alike, so --compare-norms could not tell usable from unusable rates; on
+48,000 examples x 4 epochs, lr 0.9 without BN reaches 0.66 validation
+accuracy while lr 3 stays at 0.10. 20 random trials give ~5 per decade of
+[1e-3, 10], enough to see the plateau and the cliff. The learning rate is
+the one hyperparameter searched by default; batch size (--tune-batch-size)
+and BN momentum (--tune-bn-momentum) are opt-in, since each multiplies the
+trials needed for the same coverage. Smaller searches: --search-examples N
+(search on the first N examples; retraining still uses all), --epochs,
+--max-trials, --retrain-epochs.
+
+Divergence. LeNet's sigmoids saturate, so at lr 10 the loss does not become
+NaN (measured: it stays finite up to lr 1e30 and turns inf/NaN at 1e36);
+from about lr 30 it explodes far above chance (ln 10 = 2.3) while the
+accuracy stays at 0.1. A trial is therefore stopped and recorded as FAILED,
+with its reason, when its training loss becomes NaN or infinite at any step,
+or when its mean over an epoch exceeds --divergence-loss (default
+10 x ln 10 = 23.03; 0 checks only for NaN/inf). A diverged trial does not
+count towards keras-tuner's limit of consecutive failures (3, kept for real
+crashes), so the search goes on.
+
+Resume. keras-tuner keeps its state in the project folder (overwrite=False):
+a search killed at any point and started again with the same command skips
+the finished trials, reruns the interrupted one and continues; the
+retraining resumes from its last epoch checkpoint. Changing a setting that
+defines the search (tuner, learning-rate range, norms, epochs per trial, the
+data) for the same --name is refused; --max-trials may grow. --overwrite
+deletes runs/tune-<name>/ and starts afresh.
+
+Distributed tuning (keras-tuner's chief/worker mode). Start the same command
+on every machine with a shared runs/ folder (e.g. NFS), keras-tuner's
+environment variables, and no --overwrite on workers:
+
+    KERASTUNER_TUNER_ID=chief   KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 python -m training.tune ...
+    KERASTUNER_TUNER_ID=tuner0  KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 python -m training.tune ...
+    KERASTUNER_TUNER_ID=tuner1  ...
+
+The chief runs the oracle (no trials) until every trial is done, then writes
+the results, retrains and exports; workers only run trials and exit when the
+oracle has none left. A worker that dies mid-trial keeps its trial assigned:
+the chief waits until a worker with the same KERASTUNER_TUNER_ID starts again
+and finishes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from training.config import ConfigError, TrainConfig, add_flags, config_from_args
+
+TUNERS = ("random", "hyperband", "bayesian")
+BATCH_SIZES = (64, 128, 256, 512)
+BN_MOMENTA = (0.5, 0.8, 0.9, 0.95, 0.99)
+CHANCE_LOSS = math.log(10.0)  # cross-entropy of a uniform guess over the ten classes
+OBJECTIVE = "val_accuracy"
+PROJECT_NAME = "keras_tuner"
+RECORD_FILE = "kerasbn_trial.json"
+BEST_RUN = "best"
+# keras-tuner stops a search after this many consecutive crashed trials (diverged ones do not count).
+MAX_CONSECUTIVE_CRASHES = 3
+# Shared training flags that make no sense for a search (the search sets or replaces them).
+SKIPPED_TRAIN_FLAGS = ("epochs", "lr", "out", "run_name")
+# Settings that define the search: a folder holding a search with other values is not resumed.
+SEARCH_SETTINGS = (
+    "tuner", "epochs", "lr_min", "lr_max", "tune_batch_size", "tune_bn_momentum", "compare_norms",
+    "search_examples", "val_fraction", "divergence_loss",
+)
+TRAIN_SEARCH_SETTINGS = ("batch_size", "norm", "bn_momentum", "sync_bn", "seed", "limit_train", "data_dir")
+RESULT_COLUMNS = (
+    "rank", "trial_id", "status", "norm", "lr", "batch_size", "bn_momentum", "best_val_accuracy",
+    "epochs", "best_epoch", "seconds", "tuner_id", "note",
+)
+
+
+def _field(default, help: str, **kwargs):
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """Settings of one learning-rate search; the shared training flags live in `TrainConfig`."""
+
+    tuner: str = _field("random", "keras-tuner algorithm: RandomSearch, Hyperband or BayesianOptimization.", choices=TUNERS)
+    max_trials: int = _field(20, "Number of trials (Hyperband: an upper bound on its brackets' trials).")
+    epochs: int = _field(4, "Training epochs per trial (Hyperband: the most epochs one trial reaches).")
+    lr_min: float = _field(1e-3, "Smallest learning rate; sampled log-uniformly in [lr-min, lr-max].")
+    lr_max: float = _field(10.0, "Largest learning rate.")
+    tune_batch_size: bool = _field(False, f"Also search the global batch size over {BATCH_SIZES} (else --batch-size).")
+    tune_bn_momentum: bool = _field(False, f"Also search the BN momentum over {BN_MOMENTA} (else --bn-momentum).")
+    compare_norms: bool = _field(False, "Search the norm too: --norm's BN layer against no BN (one plot series each).")
+    overwrite: bool = _field(False, "Delete runs/tune-<name>/ and start afresh (else an existing search is resumed).")
+    name: Optional[str] = _field(None, "The search folder is runs/tune-<name> (default: derived from the settings).")
+    search_examples: int = _field(0, "Search on the first N training examples only, 0 = all (retraining uses all).")
+    val_fraction: float = _field(0.2, "Fraction of the search examples held out to score trials (never the test set).")
+    retrain_epochs: int = _field(10, "Epochs to retrain the best configuration on the full training set (0 = skip).")
+    divergence_loss: float = _field(
+        round(10 * CHANCE_LOSS, 2),
+        "A trial diverged when its mean training loss over an epoch exceeds this, or the loss turns NaN/inf (0 = NaN/inf only).",
+    )
+    export_dir: str = _field("saved_models", "Where the retrained best model is exported (with --export).")
+    export_name: str = _field("lenet_bn_tuned", "Model folder under --export-dir.")
+
+    def validate(self) -> "TuneConfig":
+        """Raises ConfigError naming the flag and the value that cannot work."""
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"`--tuner` must be one of {TUNERS}. Received: tuner={self.tuner!r}")
+        for name in ("max_trials", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value!r}")
+        for name in ("lr_min", "lr_max"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"`--{_flag(name)}` must be a positive finite number. Received: {name}={value!r}")
+        if not self.lr_min < self.lr_max:
+            raise ConfigError(
+                f"`--lr-min` must be smaller than `--lr-max`. Received: lr_min={self.lr_min!r}, lr_max={self.lr_max!r}"
+            )
+        if self.search_examples < 0:
+            raise ConfigError(f"`--search-examples` must be >= 0. Received: search_examples={self.search_examples!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"`--val-fraction` must be in (0, 1). Received: val_fraction={self.val_fraction!r}")
+        if self.retrain_epochs < 0:
+            raise ConfigError(f"`--retrain-epochs` must be >= 0. Received: retrain_epochs={self.retrain_epochs!r}")
+        if not (math.isfinite(self.divergence_loss) and self.divergence_loss >= 0):
+            raise ConfigError(
+                f"`--divergence-loss` must be a finite number >= 0. Received: divergence_loss={self.divergence_loss!r}"
+            )
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name or os.sep in self.name):
+            raise ConfigError(f"`--name` must be a plain folder name (no '/'). Received: name={self.name!r}")
+        return self
+
+    def norms(self, train: TrainConfig) -> List[str]:
+        """The norms searched: --norm alone, or with --compare-norms its BN layer and no BN."""
+        if not self.compare_norms:
+            return [train.norm]
+        return [train.norm if train.norm != "none" else "kerasbn", "none"]
+
+    def default_name(self, train: TrainConfig) -> str:
+        return f"{self.tuner}-{'-vs-'.join(self.norms(train))}-lr{self.lr_min:g}-{self.lr_max:g}"
+
+    def tune_dir(self, train: TrainConfig) -> str:
+        return os.path.join("runs", f"tune-{self.name or self.default_name(train)}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# ------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.tune",
+        description=(
+            "Search LeNet-BN's learning rate on Fashion-MNIST with keras-tuner (each trial under the "
+            "chosen tf.distribute strategy), write a results table and plot, then retrain and export the best."
+        ),
+    )
+    add_flags(parser, TuneConfig)
+    add_flags(parser, TrainConfig, skip=SKIPPED_TRAIN_FLAGS)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TuneConfig, TrainConfig]:
+    namespace = build_parser().parse_args(argv)
+    tune = config_from_args(namespace, TuneConfig).validate()
+    train = config_from_args(namespace, TrainConfig).validate()
+    if train.strategy == "multi-worker":
+        raise ConfigError(
+            "`--strategy multi-worker` is not supported for tuning: trials train with model.fit, which Keras 3.15 "
+            "cannot run under MultiWorkerMirroredStrategy; spread a search over machines with keras-tuner's "
+            "chief/worker mode instead (see the module docstring). Received: strategy='multi-worker'"
+        )
+    if train.seed < 0:
+        raise ConfigError(f"`--seed` must be >= 0. Received: seed={train.seed}")
+    return tune, train
+
+
+def distributed_role() -> str:
+    """'chief', 'worker' or 'single', from keras-tuner's environment variables (its own rule)."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "single"
+    missing = [name for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(
+            f"Distributed tuning needs {', '.join(missing)} as well as KERASTUNER_ORACLE_IP. "
+            f"Received: KERASTUNER_ORACLE_IP={os.environ['KERASTUNER_ORACLE_IP']!r}"
+        )
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def _check_resumable(tune_dir: str, tune: TuneConfig, train: TrainConfig) -> None:
+    from training import artifacts
+
+    previous = artifacts.read_json(os.path.join(tune_dir, "tune_config.json"))
+    if not previous:
+        return
+    now = {"search": dataclasses.asdict(tune), "train": dataclasses.asdict(train)}
+    changed = [
+        (f"{part}.{key}", previous.get(part, {}).get(key), now[part][key])
+        for part, keys in (("search", SEARCH_SETTINGS), ("train", TRAIN_SEARCH_SETTINGS))
+        for key in keys
+        if previous.get(part, {}).get(key) != now[part][key]
+    ]
+    if changed:
+        detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise ConfigError(
+            f"{tune_dir} holds a search with other settings ({detail}); resume it with its own settings, "
+            "choose another --name, or pass --overwrite to start afresh."
+        )
+
+
+# ------------------------------------------------------------ data
+
+
+def search_split(tune: TuneConfig, train: TrainConfig):
+    """The search's training and held-out validation arrays, from the training split only.
+
+    The first `min(--limit-train, --search-examples)` training examples, split
+    by a permutation seeded with --seed: `val_fraction` of them score the
+    trials, the rest train them. Images are scaled as `training.data`'s
+    pipeline does (float32, x / 255, NHWC with one channel).
+
+    Returns:
+        `((x_train, y_train), (x_val, y_val))`.
+    """
+    import numpy as np
+
+    from training import data
+
+    limits = [n for n in (train.limit_train, tune.search_examples or None) if n]
+    images, labels = data.load_arrays("train", data_dir=train.data_dir, limit=min(limits) if limits else None)
+    count = len(labels)
+    val_count = int(round(tune.val_fraction * count))
+    if val_count < 1 or count - val_count < 1:
+        raise ConfigError(
+            f"{count} search examples cannot be split into training and validation with --val-fraction "
+            f"{tune.val_fraction}. Received: limit_train={train.limit_train}, search_examples={tune.search_examples}"
+        )
+    order = np.random.default_rng(train.seed).permutation(count)
+    x = images.astype("float32")[..., np.newaxis] / 255.0
+    val, fit = order[:val_count], order[val_count:]
+    return (x[fit], labels[fit]), (x[val], labels[val])
+
+
+# ------------------------------------------------------------ keras-tuner pieces
+
+
+@functools.lru_cache(maxsize=None)
+def keras_components():
+    """The keras-tuner classes of the search, defined on first use.
+
+    keras and keras-tuner import TensorFlow, which must not start before
+    `--cpu-replicas` has split the CPU; so these classes are made here, after
+    that, and flag errors are answered without loading TensorFlow at all.
+
+    Returns:
+        A namespace with `TrialDiverged`, `DivergenceGuard`, `LeNetHyperModel`,
+        `oracle_classes` (by tuner name) and `tuner_classes` (by tuner name).
+    """
+    import types
+
+    import keras
+    import keras_tuner as kt
+    from keras_tuner.src import config as kt_config
+
+    from training import artifacts, models
+
+    # keras-tuner 1.4 prints the traceback of every failed trial while this is
+    # True; RecordingTuner prints crashes' tracebacks itself and divergence as one line.
+    kt_config.DEBUG = False
+
+    class TrialDiverged(kt.errors.FailedTrialError):
+        """The trial's loss went non-finite or past the divergence bound: FAILED, not retried."""
+
+        def __init__(self, reason: str, epoch: int):
+            super().__init__(reason)
+            self.epoch = epoch
+
+    class DivergenceGuard(keras.callbacks.Callback):
+        """Stops a trial whose training loss turns NaN/inf (checked every step) or whose
+        mean loss over an epoch exceeds `max_loss` (checked at the epoch's end; 0: no bound).
+
+        The bound applies to whole epochs because a large learning rate can
+        spike the loss for a few steps and recover (BN at lr ~30 does).
+        """
+
+        def __init__(self, max_loss: float):
+            super().__init__()
+            self.max_loss = max_loss
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
+                raise TrialDiverged(
+                    f"diverged: training loss became {float(logs['loss'])} at epoch {self.epoch + 1}, step {batch + 1}",
+                    self.epoch + 1,
+                )
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = float(logs["loss"]) if logs and "loss" in logs else None
+            if self.max_loss and loss is not None and loss > self.max_loss:
+                raise TrialDiverged(
+                    f"diverged: mean training loss {loss:.4g} over epoch {epoch + 1} > {self.max_loss:g} (--divergence-loss)",
+                    epoch + 1,
+                )
+
+    class LeNetHyperModel(kt.HyperModel):
+        """LeNet from `training.models`, SGD at the trial's learning rate; `fit` at the trial's batch size."""
+
+        def __init__(self, tune: TuneConfig, train: TrainConfig):
+            super().__init__(name="lenet")
+            self.tune, self.train = tune, train
+
+        def build(self, hp):
+            lr = hp.Float("lr", self.tune.lr_min, self.tune.lr_max, sampling="log")
+            norms = self.tune.norms(self.train)
+            norm = hp.Choice("norm", norms) if len(norms) > 1 else hp.Fixed("norm", norms[0])
+            if self.tune.tune_batch_size:
+                hp.Choice("batch_size", list(BATCH_SIZES))
+            else:
+                hp.Fixed("batch_size", self.train.batch_size)
+            if self.tune.tune_bn_momentum:
+                momentum = hp.Choice("bn_momentum", list(BN_MOMENTA))
+            else:
+                momentum = hp.Fixed("bn_momentum", self.train.bn_momentum)
+            # The same initial weights in every trial: trials differ only by their hyperparameters.
+            keras.utils.set_random_seed(self.train.seed)
+            model = models.build_lenet(norm, momentum, self.train.sync_bn and norm != "none")
+            model.compile(
+                optimizer=keras.optimizers.SGD(learning_rate=float(lr)),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"],
+            )
+            return model
+
+        def fit(self, hp, model, *args, callbacks=None, **kwargs):
+            # How many devices hold the weights: the strategy's replica count when the
+            # tuner built the model in its scope (recorded per trial).
+            weight = getattr(model.weights[0], "value", model.weights[0])
+            self.replicas = len(getattr(weight, "values", (weight,)))
+            callbacks = [DivergenceGuard(self.tune.divergence_loss)] + list(callbacks or [])
+            return model.fit(*args, batch_size=hp.get("batch_size"), callbacks=callbacks, **kwargs)
+
+    class RecordingTuner:
+        """Mixin: writes `kerasbn_trial.json` (status, reason, history) into the trial's folder.
+
+        keras-tuner keeps a failure's message only in the process that ran the
+        trial (its gRPC trial message has no such field), so the chief of a
+        distributed search reads reasons and histories from these files.
+        """
+
+        def run_trial(self, trial, *args, **kwargs):
+            path = os.path.join(self.get_trial_dir(trial.trial_id), RECORD_FILE)
+            values = dict(trial.hyperparameters.values)
+            began = time.time()
+            base = {
+                "trial_id": trial.trial_id,
+                "tuner_id": self.tuner_id,
+                "hyperparameters": values,
+                "initial_epoch": int(values.get("tuner/initial_epoch", 0)),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "pid": os.getpid(),
+            }
+            artifacts.write_json(path, {**base, "status": "running"})
+            try:
+                histories = super().run_trial(trial, *args, **kwargs)
+            except TrialDiverged as error:
+                print(f"Trial {trial.trial_id} {error}")
+                artifacts.write_json(
+                    path,
+                    {**base, "status": "diverged", "reason": str(error), "epochs": error.epoch, "seconds": time.time() - began},
+                )
+                raise
+            except Exception as error:
+                traceback.print_exc()
+                reason = f"crashed: {type(error).__name__}: {error}"
+                artifacts.write_json(path, {**base, "status": "crashed", "reason": reason, "seconds": time.time() - began})
+                raise
+            history = histories[0]
+            epochs = [epoch + 1 for epoch in history.epoch]
+            scores = [float(v) for v in history.history[OBJECTIVE]]
+            best = max(range(len(scores)), key=scores.__getitem__)
+            artifacts.write_json(
+                path,
+                {
+                    **base,
+                    "status": "completed",
+                    "epochs": epochs[-1],
+                    "best_epoch": epochs[best],
+                    "best_val_accuracy": scores[best],
+                    "replicas": getattr(self.hypermodel, "replicas", None),
+                    "history": {"epoch": epochs, **{k: [float(v) for v in vs] for k, vs in history.history.items()}},
+                    "seconds": time.time() - began,
+                },
+            )
+            return histories
+
+    class CrashLimit:
+        """Oracle mixin: only crashed trials count towards `max_consecutive_failed_trials`.
+
+        Overrides keras-tuner 1.4's `Oracle._check_consecutive_failures`
+        (pinned <1.5): a diverged trial is a result of the search, not a sign
+        that the search itself is broken.
+        """
+
+        def _check_consecutive_failures(self):
+            crashes = 0
+            for trial_id in self.end_order:
+                trial = self.trials[trial_id]
+                if trial.status != "FAILED":
+                    crashes = 0
+                    continue
+                record_path = os.path.join(self._project_dir, f"trial_{trial_id}", RECORD_FILE)
+                if (artifacts.read_json(record_path) or {}).get("status") == "diverged":
+                    continue
+                crashes += 1
+                if crashes >= self.max_consecutive_failed_trials:
+                    raise RuntimeError(
+                        f"Number of consecutive failures exceeded the limit of {self.max_consecutive_failed_trials} "
+                        f"(crashed trials; diverged ones do not count).\n{trial.message or ''}"
+                    )
+
+    class RandomOracle(CrashLimit, kt.oracles.RandomSearchOracle):
+        pass
+
+    class BayesianOracle(CrashLimit, kt.oracles.BayesianOptimizationOracle):
+        pass
+
+    class HyperbandOracle(CrashLimit, kt.oracles.HyperbandOracle):
+        pass
+
+    class SearchTuner(RecordingTuner, kt.Tuner):
+        """RandomSearch and BayesianOptimization: a plain Tuner around their oracle."""
+
+    class HyperbandTuner(RecordingTuner, kt.Hyperband):
+        """Hyperband's tuner (epochs per round, weights carried between rounds) around our oracle."""
+
+        def __init__(self, oracle, **kwargs):
+            # kt.Hyperband.__init__ only builds its own oracle; skip it for ours.
+            kt.Tuner.__init__(self, oracle=oracle, **kwargs)
+
+    return types.SimpleNamespace(
+        TrialDiverged=TrialDiverged,
+        DivergenceGuard=DivergenceGuard,
+        LeNetHyperModel=LeNetHyperModel,
+        oracle_classes={"random": RandomOracle, "bayesian": BayesianOracle, "hyperband": HyperbandOracle},
+        tuner_classes={"random": SearchTuner, "bayesian": SearchTuner, "hyperband": HyperbandTuner},
+    )
+
+
+def make_tuner(tune: TuneConfig, train: TrainConfig, strategy, tune_dir: str):
+    """The keras-tuner tuner of this search, resuming its project folder if there is one."""
+    import keras_tuner as kt
+
+    parts = keras_components()
+    common = dict(
+        objective=kt.Objective(OBJECTIVE, direction="max"),
+        # keras-tuner treats seed 0 as "no seed" (a random one): shift by one.
+        seed=train.seed + 1,
+        max_consecutive_failed_trials=MAX_CONSECUTIVE_CRASHES,
+    )
+    oracle_class = parts.oracle_classes[tune.tuner]
+    if tune.tuner == "hyperband":
+        # Brackets repeat until --max-trials trials have run (hyperband_iterations=None: no other limit).
+        oracle = oracle_class(max_epochs=tune.epochs, factor=3, hyperband_iterations=None, **common)
+        oracle.max_trials = tune.max_trials
+    else:
+        oracle = oracle_class(max_trials=tune.max_trials, **common)
+    return parts.tuner_classes[tune.tuner](
+        oracle=oracle,
+        hypermodel=parts.LeNetHyperModel(tune, train),
+        distribution_strategy=strategy,
+        directory=tune_dir,
+        project_name=PROJECT_NAME,
+        overwrite=False,
+    )
+
+
+# ------------------------------------------------------------ results
+
+
+def _last_line(text: Optional[str]) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def collect_results(oracle, project_dir: str) -> List[Dict]:
+    """One row per trial of the oracle, merged with its `kerasbn_trial.json`, sorted by `sort_results`."""
+    from training import artifacts
+
+    rows = []
+    for trial_id, trial in oracle.trials.items():
+        values = trial.hyperparameters.values
+        record = artifacts.read_json(os.path.join(project_dir, f"trial_{trial_id}", RECORD_FILE)) or {}
+        completed = trial.status == "COMPLETED"
+        note = record.get("reason") or ("" if completed else _last_line(trial.message))
+        if not completed and record.get("status") == "running":
+            note = note or "interrupted"
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": (trial.status or "unknown").lower(),
+                "norm": values.get("norm"),
+                "lr": float(values["lr"]) if "lr" in values else None,
+                "batch_size": values.get("batch_size"),
+                # Without BN layers the momentum is moot: shown as "-".
+                "bn_momentum": values.get("bn_momentum") if values.get("norm") != "none" else None,
+                "best_val_accuracy": float(trial.score) if completed and trial.score is not None else None,
+                "epochs": record.get("epochs", values.get("tuner/epochs")),
+                "best_epoch": record.get("best_epoch"),
+                "seconds": round(record["seconds"], 1) if "seconds" in record else None,
+                "tuner_id": record.get("tuner_id"),
+                "note": note,
+            }
+        )
+    return sort_results(rows)
+
+
+def sort_results(rows: List[Dict]) -> List[Dict]:
+    """Completed trials by best validation accuracy (highest first), then the others by learning rate.
+
+    Ties go to the smaller learning rate, then the trial id. Sets `rank` (1-based).
+    """
+
+    def key(row):
+        completed = row["best_val_accuracy"] is not None
+        score = -row["best_val_accuracy"] if completed else 0.0
+        lr = row["lr"] if row["lr"] is not None else math.inf
+        return (not completed, score, lr, row["trial_id"])
+
+    ordered = sorted(rows, key=key)
+    return [{**row, "rank": index} for index, row in enumerate(ordered, start=1)]
+
+
+def _cell(value, fmt: str = "{}") -> str:
+    return "-" if value is None or value == "" else fmt.format(value)
+
+
+def results_markdown(rows: List[Dict], title: str, footer: Sequence[str] = ()) -> str:
+    """The results table in Markdown, in the order of `rows`."""
+    header = "| Rank | Trial | Norm | Learning rate | Batch size | BN momentum | Best val acc | Epochs | Status | Note |"
+    lines = [f"# {title}", "", header, "|" + "---|" * 10]
+    for row in rows:
+        cells = [
+            _cell(row["rank"]), _cell(row["trial_id"]), _cell(row["norm"]), _cell(row["lr"], "{:.4g}"),
+            _cell(row["batch_size"]), _cell(row["bn_momentum"], "{:g}"), _cell(row["best_val_accuracy"], "{:.4f}"),
+            _cell(row["epochs"]), _cell(row["status"]), _cell(str(row["note"]).replace("|", "/") if row["note"] else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.extend([""] + list(footer))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_lr_vs_accuracy(path: str, rows: List[Dict], title: str, lr_range: Optional[Tuple[float, float]] = None) -> None:
+    """Best validation accuracy against learning rate (log x), one series per norm; failed trials as x at 0.
+
+    Args:
+        path: The PNG file (written through a temporary file and a rename).
+        rows: Result rows (`collect_results`).
+        title: Figure title (wrapped).
+        lr_range: The searched `(lr_min, lr_max)`, shown as the x range.
+    """
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    norms = sorted({row["norm"] for row in rows if row["lr"] is not None}, key=str)
+    for index, norm in enumerate(norms):
+        color = f"C{index}"
+        best_by_lr: Dict[float, float] = {}
+        for row in rows:
+            if row["norm"] == norm and row["lr"] is not None and row["best_val_accuracy"] is not None:
+                best_by_lr[row["lr"]] = max(best_by_lr.get(row["lr"], 0.0), row["best_val_accuracy"])
+        if best_by_lr:
+            lrs = sorted(best_by_lr)
+            ax.plot(lrs, [best_by_lr[lr] for lr in lrs], "o-", color=color, label=f"{norm}")
+        failed = [row["lr"] for row in rows if row["norm"] == norm and row["lr"] is not None and row["best_val_accuracy"] is None]
+        if failed:
+            ax.plot(failed, [0.0] * len(failed), "x", color=color, markersize=9, label=f"{norm}: failed/diverged")
+    ax.axhline(0.1, color="gray", linestyle=":", linewidth=1, label="chance (0.1)")
+    ax.set_xscale("log")
+    if lr_range is not None:
+        ax.set_xlim(lr_range[0] / 1.5, lr_range[1] * 1.5)
+    ax.set_ylim(-0.03, 1.0)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("best validation accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def best_hyperparameters(rows: List[Dict], tune: TuneConfig) -> Optional[Dict]:
+    """The best completed trial's configuration, or None when no trial completed."""
+    if not rows or rows[0]["best_val_accuracy"] is None:
+        return None
+    best = rows[0]
+    return {
+        "trial_id": best["trial_id"],
+        "lr": best["lr"],
+        "batch_size": int(best["batch_size"]),
+        "bn_momentum": float(best["bn_momentum"]) if best["bn_momentum"] is not None else None,
+        "norm": best["norm"],
+        "best_val_accuracy": best["best_val_accuracy"],
+        "epochs": best["epochs"],
+        "objective": OBJECTIVE,
+        "tuner": tune.tuner,
+    }
+
+
+def write_results(tune_dir: str, rows: List[Dict], tune: TuneConfig, title: str, footer: Sequence[str] = ()) -> Optional[Dict]:
+    """results.csv, results.md, lr_vs_accuracy.png and best_hyperparameters.json; returns the best configuration."""
+    from training import artifacts
+
+    artifacts.write_csv(os.path.join(tune_dir, "results.csv"), rows, RESULT_COLUMNS)
+    artifacts.atomic_write_text(os.path.join(tune_dir, "results.md"), results_markdown(rows, title, footer))
+    plot_lr_vs_accuracy(os.path.join(tune_dir, "lr_vs_accuracy.png"), rows, title, (tune.lr_min, tune.lr_max))
+    best = best_hyperparameters(rows, tune)
+    if best is not None:
+        artifacts.write_json(os.path.join(tune_dir, "best_hyperparameters.json"), best)
+    return best
+
+
+# ------------------------------------------------------------ retrain and export
+
+
+def retrain(best: Dict, tune: TuneConfig, train: TrainConfig, tune_dir: str) -> Tuple[TrainConfig, Dict]:
+    """Trains the best configuration on the full training set with `training.train` (resumable)."""
+    from training import artifacts
+    from training import train as train_module
+
+    config = dataclasses.replace(
+        train,
+        lr=best["lr"],
+        batch_size=best["batch_size"],
+        bn_momentum=best["bn_momentum"] if best["bn_momentum"] is not None else train.bn_momentum,
+        norm=best["norm"],
+        sync_bn=train.sync_bn and best["norm"] != "none",
+        epochs=tune.retrain_epochs,
+        out=os.path.join(tune_dir, BEST_RUN),
+        run_name=None,
+        export=False,
+    ).validate()
+    # A search that went on (more trials) may have a new winner: its old retraining is stale.
+    previous = artifacts.read_json(os.path.join(config.out, "config.json"))
+    if previous:
+        kept = train_module.RESUMABLE_CHANGES
+        now = dataclasses.asdict(config)
+        if any(previous["settings"].get(k) != v for k, v in now.items() if k not in kept):
+            print(f"The best configuration changed; retraining it afresh in {config.out}")
+            shutil.rmtree(config.out)
+    return config, train_module.run(config)
+
+
+def export_best(run_dir: str, tune: TuneConfig) -> Optional[str]:
+    """Exports the retrained model through `training.export`; None when that module is unavailable."""
+    try:
+        from training import export
+    except ImportError as error:
+        print(f"note: not exported, training.export is unavailable ({error})", file=sys.stderr)
+        return None
+    return export.export_run(run_dir, tune.export_dir, tune.export_name)
+
+
+# ------------------------------------------------------------ the driver
+
+
+def _prepare_folder(tune_dir: str, role: str, tune: TuneConfig, train: TrainConfig) -> None:
+    """--overwrite and the resume check; the chief (or a single process) owns the folder, workers never touch it."""
+    if role == "worker":
+        if tune.overwrite:
+            print("note: --overwrite is ignored on a worker: the chief owns the search folder", file=sys.stderr)
+        return
+    if tune.overwrite and os.path.isdir(tune_dir):
+        print(f"--overwrite: deleting {tune_dir}")
+        shutil.rmtree(tune_dir)
+    _check_resumable(tune_dir, tune, train)
+
+
+def _search(tuner, role: str, tune: TuneConfig, train: TrainConfig, strategy) -> Optional[RuntimeError]:
+    """Runs this process's part of the search; returns keras-tuner's too-many-crashes error, if raised."""
+    from training import distribute
+
+    verbose = 0 if train.quiet else 2
+    try:
+        if role == "chief":
+            address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+            print(f"Chief oracle serving on {address} until the workers have run all {tune.max_trials} trials")
+            tuner.search(verbose=verbose)  # serves the oracle; the chief runs no trial
+            return None
+        (x_train, y_train), validation = search_split(tune, train)
+        print(
+            f"Searching on {len(y_train)} training examples, scored on {len(validation[1])} held-out ones, "
+            f"{distribute.describe(strategy)}"
+        )
+        tuner.search(x_train, y_train, validation_data=validation, epochs=tune.epochs, verbose=verbose)
+    except RuntimeError as error:
+        if "consecutive failures" not in str(error):
+            raise
+        return error
+    return None
+
+
+def _report(tuner, tune: TuneConfig, train: TrainConfig, tune_dir: str, search_error: Optional[RuntimeError]) -> int:
+    """Results files, then the retraining and export of the best configuration; returns the exit status."""
+    from training import artifacts
+
+    rows = collect_results(tuner.oracle, tuner.project_dir)
+    completed = sum(row["best_val_accuracy"] is not None for row in rows)
+    title = (
+        f"LeNet {' vs '.join(tune.norms(train))}: {tune.tuner} search, lr in [{tune.lr_min:g}, {tune.lr_max:g}], "
+        f"{len(rows)} trials ({completed} completed), {tune.epochs} epoch(s) per trial"
+    )
+    best = write_results(tune_dir, rows, tune, title)
+    summary = {"tune_dir": tune_dir, "trials": len(rows), "completed": completed, "failed": len(rows) - completed, "best": best}
+    artifacts.write_json(os.path.join(tune_dir, "summary.json"), summary)
+    print(f"Results: {tune_dir}/results.md ({len(rows)} trials, {completed} completed)")
+    if search_error is not None:
+        print(f"error: the search stopped: {search_error}", file=sys.stderr)
+        return 1
+    if best is None:
+        print(f"error: no trial completed, so there is nothing to retrain; see {tune_dir}/results.md", file=sys.stderr)
+        return 1
+    print(
+        f"Best: trial {best['trial_id']}, {best['norm']}, lr {best['lr']:.4g}, batch {best['batch_size']}, "
+        f"val accuracy {best['best_val_accuracy']:.4f}"
+    )
+    if tune.retrain_epochs == 0:
+        return 0
+
+    config, retrained = retrain(best, tune, train, tune_dir)
+    summary["retrain"] = {"run_dir": config.out, "epochs": config.epochs, **retrained}
+    footer = [
+        f"Best: trial {best['trial_id']} ({best['norm']}, lr {best['lr']:.4g}, batch size {best['batch_size']}). "
+        f"Retrained on {config.limit_train or 60000} training examples for {config.epochs} epoch(s): "
+        f"test accuracy {retrained['test_acc']:.4f} ({config.out})."
+    ]
+    write_results(tune_dir, rows, tune, title, footer)
+    if train.export:
+        summary["export"] = export_best(config.out, tune)
+    artifacts.write_json(os.path.join(tune_dir, "summary.json"), summary)
+    return 0
+
+
+def run(tune: TuneConfig, train: TrainConfig) -> int:
+    """Runs the search (or this process's part of a distributed one); returns the exit status."""
+    role = distributed_role()
+    tune_dir = tune.tune_dir(train)
+    _prepare_folder(tune_dir, role, tune, train)
+
+    from training import distribute
+
+    # Logical CPU devices must exist before TensorFlow touches a device.
+    distribute.configure_cpu_replicas(train.cpu_replicas)
+
+    import keras
+    import tensorflow as tf
+
+    import kerasbn
+    from training import artifacts
+
+    strategy = distribute.get_strategy(train.strategy)
+    if role != "worker":
+        versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "kerasbn": kerasbn.__version__}
+        artifacts.write_json(
+            os.path.join(tune_dir, "tune_config.json"),
+            {
+                "search": dataclasses.asdict(tune),
+                "train": dataclasses.asdict(train),
+                "strategy": distribute.describe(strategy),
+                "versions": versions,
+            },
+        )
+    tuner = make_tuner(tune, train, strategy, tune_dir)
+    search_error = _search(tuner, role, tune, train, strategy)
+    if role == "worker":
+        print(f"Worker {os.environ['KERASTUNER_TUNER_ID']}: no trials left, done.")
+        return 0
+    return _report(tuner, tune, train, tune_dir, search_error)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m training.tune` / `kerasbn-tune`. Returns the exit status."""
+    try:
+        tune, train = parse_args(argv)
+        return run(tune, train)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # data and export errors: one clear line, not a traceback
+        from training.data import DataError
+
+        try:
+            from training.export import ExportError
+        except ImportError:
+            ExportError = DataError
+        if isinstance(error, (DataError, ExportError)):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
