@@ -318,7 +318,7 @@ class BatchNorm(keras.layers.Layer):
         k = self._widen_factor(inputs.shape)
         if k > 1:
             wide = ops.reshape(x, (-1, k * inputs.shape[-1]))
-            outputs = bn_ops.apply_affine(wide, ops.tile(a, (k,)), ops.tile(b, (k,)))
+            outputs = bn_ops.apply_affine_widened(wide, a, b)
             return ops.cast(ops.reshape(outputs, ops.shape(inputs)), self.compute_dtype)
         a, b = self._broadcast(len(inputs.shape), a, b, dtype=dtype)
         return ops.cast(bn_ops.apply_affine(x, a, b), self.compute_dtype)
@@ -359,7 +359,7 @@ class BatchNorm(keras.layers.Layer):
             mean, variance = bn_ops.widened_moments(wide, channels)
             gamma, beta = (bn_ops.cast_optional(p, dtype) for p in (self.gamma, self.beta))
             a, b = bn_ops.fold_affine(mean, variance, gamma, beta, self.epsilon)
-            outputs = bn_ops.apply_affine(wide, ops.tile(a, (k,)), ops.tile(b, (k,)))
+            outputs = bn_ops.apply_affine_widened(wide, a, b)
             self._update_moving_statistics(mean, variance)
             return ops.cast(ops.reshape(outputs, ops.shape(inputs)), self.compute_dtype)
 

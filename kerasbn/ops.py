@@ -192,6 +192,12 @@ def widened_moments(x_wide, channels: int) -> Tuple[object, object]:
     return mean, variance
 
 
+def apply_affine_widened(x_wide, a, b):
+    """`x * a + b` on a widened view: `a` and `b` of shape `(channels,)`, tiled k times."""
+    k = x_wide.shape[-1] // a.shape[0]
+    return apply_affine(x_wide, ops.tile(a, (k,)), ops.tile(b, (k,)))
+
+
 def broadcast_shape(rank: int, axes: Sequence[int], param_shape: Sequence[int]) -> Tuple[int, ...]:
     """The shape that makes a parameter of `param_shape` broadcast on `axes`."""
     shape = [1] * rank
