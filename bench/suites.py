@@ -167,14 +167,7 @@ def measurement(
 
     stats = summarize(seconds)
     return {
-        "record": "measurement",
-        "suite": suite,
-        "implementation": implementation,
-        "shape": list(shape),
-        "layout": layout,
-        "mode": mode,
-        "jit": bool(jit),
-        "replicas": int(replicas),
+        **_case("measurement", suite, implementation, shape, layout, mode, jit, replicas),
         **stats,
         "ratio_to_keras": None,
         **extra,
@@ -194,7 +187,16 @@ def skipped(
 ) -> dict:
     """A record saying one measurement could not be taken here, and why."""
     return {
-        "record": "skipped",
+        **_case("skipped", suite, implementation, shape, layout, mode, jit, replicas),
+        "reason": reason,
+        **extra,
+    }
+
+
+def _case(record, suite, implementation, shape, layout, mode, jit, replicas) -> dict:
+    """The fields that name what a record measured (shared by measurements and skips)."""
+    return {
+        "record": record,
         "suite": suite,
         "implementation": implementation,
         "shape": list(shape),
@@ -202,6 +204,4 @@ def skipped(
         "mode": mode,
         "jit": bool(jit),
         "replicas": int(replicas),
-        "reason": reason,
-        **extra,
     }

@@ -20,7 +20,6 @@ from __future__ import annotations
 import tensorflow as tf
 
 FUSED_MIN_EPSILON = 1.001e-5
-FUSED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def fused_batch_norm_training(x, gamma, beta, epsilon: float, data_format: str):

@@ -22,6 +22,8 @@ _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 # kernel on CPU (measured: (256, 24, 24, 6) 1.1 ms vs 1.5 ms; (256, 8, 8, 16)
 # 0.56 ms vs 0.34 ms).
 FUSED_INFERENCE_MIN_CHANNELS = 16
+# Input dtypes TensorFlow's fused batch-norm kernel takes.
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
 # Below this many elements, the fused training kernel lost to the generic path
 # for inputs viewed as (-1, 1, 1, C) on CPU: 256x120 1.7x slower, 1024x120 faster.
 FUSED_MIN_ELEMENTS = 100_000
@@ -330,7 +332,7 @@ class BatchNorm(keras.layers.Layer):
             and len(inputs.shape) == 4
             and self._feature_axes == (3,)
             and inputs.shape[3] >= FUSED_INFERENCE_MIN_CHANNELS
-            and keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16", "float32")
+            and keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES
         )
 
     def _train_forward(self, inputs, mask):
@@ -582,7 +584,7 @@ class BatchNorm(keras.layers.Layer):
         """
         if self.fused is False or self._fused_layout(len(inputs.shape)) is None:
             return False
-        if keras.backend.standardize_dtype(inputs.dtype) not in ("float16", "bfloat16", "float32"):
+        if keras.backend.standardize_dtype(inputs.dtype) not in FUSED_DTYPES:
             return False
         if self._cross_replica():
             return False  # global-batch statistics need the generic path's all-reduce

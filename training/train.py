@@ -163,10 +163,6 @@ def run(config: TrainConfig) -> dict:
         model.save(tmp_path)
         os.replace(tmp_path, model_path)
         artifacts.write_json(os.path.join(run_dir, "summary.json"), summary)
-    else:
-        # Saving is collective under MultiWorkerMirroredStrategy only for
-        # checkpoints; the .keras file is the chief's alone.
-        pass
 
     recompute = (
         f" (moving averages {summary['test_acc_moving_averages']:.3f}, recomputed over {summary['recomputed_batches']} batches)"
