@@ -173,7 +173,7 @@ PRODUCERS = [
     (lambda: keras.layers.Conv1D(5, 3, name="p"), (9, 3), -1),
     (lambda: keras.layers.Conv2D(5, 3, name="p"), (7, 7, 3), -1),
     (lambda: keras.layers.Conv3D(5, 2, name="p"), (4, 4, 4, 3), -1),
-    # Not (3, 7, 7): Keras 3.15 + TF on CPU adds a channels_first Conv2D's bias on the wrong axis when its
+    # Not (3, 7, 7): Keras 3.15 (TF backend) adds a channels_first Conv2D's bias on the wrong axis when its
     # output is (5, 5, 5) (see the README); the original and the folded layer would then disagree.
     (lambda: keras.layers.Conv2D(5, 3, data_format="channels_first", name="p"), (3, 8, 6), 1),
     (lambda: keras.layers.Conv2D(6, 3, groups=3, use_bias=False, name="p"), (7, 7, 3), -1),
@@ -379,6 +379,15 @@ def test_recompute_statistics_on_functional_and_nested_models(rng):
     np.testing.assert_allclose(to_numpy(bn.moving_variance), np.mean([s.var(axis=(0, 1, 2)) for s in stats], 0), rtol=1e-5, atol=1e-6)
     after = to_numpy(fast.get_layer("inner").get_layer("inner_bn").moving_mean)
     assert np.max(np.abs(after - before)) > 1e-2  # the nested model's BN was recomputed too
+
+
+def test_recompute_statistics_on_a_converted_application(application_models, rng):
+    fast = kerasbn.convert(application_models("MobileNetV2"))
+    batches = [rng.normal(0.0, 1.0, (4, 32, 32, 3)).astype("float32") for _ in range(2)]
+    assert kerasbn.recompute_statistics(fast, batches) == 2
+    stem = keras.Model(fast.inputs, fast.get_layer("Conv1").output)
+    means = [to_numpy(stem(b)).astype(np.float64).mean(axis=(0, 1, 2)) for b in batches]
+    np.testing.assert_allclose(to_numpy(fast.get_layer("bn_Conv1").moving_mean), np.mean(means, 0), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ errors
