@@ -30,6 +30,7 @@ import kerasbn
 from kerasbn import BatchNorm
 
 STATS = ("moving_mean", "moving_variance")
+TF_INSTALL = "(`pip install 'kerasbn[tensorflow]'`, KERAS_BACKEND=tensorflow). "
 RENORM_STATS = STATS + ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 # (shape, axis): ranks 2 to 5, channels on the last axis and on axis 1.
@@ -561,6 +562,16 @@ def _traced_op_types(layer, x, mask=None):
 FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 
 
+def _fused_true_can(shape, kwargs, dtype, masked) -> bool:
+    """Whether a layer with fused=True takes these inputs (it raises where it cannot)."""
+    try:
+        layer = build(BatchNorm(dtype=dtype, **{**kwargs, "fused": True}), shape)
+        layer._plan(shape, dtype, training=True, masked=masked, gpu=True)
+    except ValueError:
+        return False
+    return True
+
+
 @tf_only
 @pytest.mark.parametrize(
     "shape, kwargs, dtype, masked, fused_expected",
@@ -599,10 +610,18 @@ FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 )
 def test_fused_is_used_exactly_where_exact(rng, shape, kwargs, dtype, masked, fused_expected):
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
+    # The CPU rule, pinned (gpu=False), so the expectation holds on a machine with a GPU too.
+    plan = layer._plan(shape, dtype, training=True, masked=masked, gpu=False)
+    assert (plan.path == "fused") == fused_expected, plan
+    # On a GPU the rule takes the fused kernel wherever fused=True could.
+    on_gpu = layer._plan(shape, dtype, training=True, masked=masked, gpu=True)
+    assert (on_gpu.path == "fused") == (kwargs.get("fused") is not False and _fused_true_can(shape, kwargs, dtype, masked))
+    # The traced graph runs the plan this machine gets.
     x = rng.normal(size=shape).astype(dtype)
     mask = _mask(rng, shape) if masked else None
     ops_seen = _traced_op_types(layer, x, mask)
-    assert bool(ops_seen & FUSED_OPS) == fused_expected, sorted(t for t in ops_seen if "Batch" in t or "Mean" in t)
+    here = layer._plan(shape, dtype, training=True, masked=masked)
+    assert bool(ops_seen & FUSED_OPS) == (here.path == "fused"), sorted(t for t in ops_seen if "Batch" in t or "Mean" in t)
 
 
 @tf_only
@@ -753,7 +772,10 @@ def test_inference_function_needs_a_built_layer():
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
 def test_inference_function_needs_tensorflow():
     layer = build(BatchNorm(), (None, 3))
-    with pytest.raises(RuntimeError, match=re.escape(f"`inference_function` needs the TensorFlow backend. Received backend {BACKEND!r}")):
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(f"`inference_function` needs the TensorFlow backend {TF_INSTALL}Received: backend {BACKEND!r}"),
+    ):
         layer.inference_function
 
 
@@ -1006,17 +1028,20 @@ def test_recompute_statistics_needs_a_batch(rng):
         ({"epsilon": -0.001}, "`epsilon` must be a positive float. Received: epsilon=-0.001"),
         (
             {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmidn": 0.5}},
-            "`renorm_clipping` has unknown keys ['rmidn']; allowed: ['rmax', 'rmin', 'dmax']. "
-            "Received: renorm_clipping={'rmax': 2.0, 'rmidn': 0.5}",
+            "Received invalid keys for `renorm_clipping` argument: {'rmax': 2.0, 'rmidn': 0.5}. "
+            "Supported values: ['rmax', 'rmin', 'dmax']. Unknown keys: ['rmidn']",
         ),
         (
             {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}},
-            "`renorm_clipping` must have rmax >= rmin. Received: renorm_clipping={'rmax': 0.5, 'rmin': 2.0} "
-            "(rmax=0.5, rmin=2.0)",
+            "rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax=0.5, rmin=2.0.",
         ),
         (
             {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
-            "`renorm_clipping` must have dmax >= 0. Received: renorm_clipping={'dmax': -1.0} (dmax=-1.0)",
+            "dmax should be non-negative in the `renorm_clipping` argument. Received: dmax=-1.0.",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": [1.0]},
+            "`renorm_clipping` must be a dict with keys among ['rmax', 'rmin', 'dmax']. Received: renorm_clipping=[1.0]",
         ),
         ({"axis": [1, 1]}, "`axis` must not repeat an axis. Received: axis=[1, 1]"),
         ({"axis": []}, "`axis` must be an int or a non-empty list of ints. Received: axis=[]"),
@@ -1035,13 +1060,9 @@ def test_constructor_errors_name_argument_and_value(kwargs, message):
     "kwargs, shape, message",
     [
         ({}, (4,), "`inputs` must have rank >= 2 (a batch axis and a feature axis). Received: inputs.shape=(4,)"),
-        ({"axis": 2}, (2, 3), "`axis` is out of range for inputs of rank 2. Received: axis=2, inputs.shape=(2, 3)"),
-        ({"axis": -3}, (2, 3), "`axis` is out of range for inputs of rank 2. Received: axis=-3, inputs.shape=(2, 3)"),
-        (
-            {"axis": [1, 4]},
-            (2, 3, 4, 5),
-            "`axis` is out of range for inputs of rank 4. Received: axis=[1, 4], inputs.shape=(2, 3, 4, 5)",
-        ),
+        ({"axis": 2}, (2, 3), "Axis 2 is out of bounds for input shape (2, 3). Received: axis=2"),
+        ({"axis": -3}, (2, 3), "Axis -3 is out of bounds for input shape (2, 3). Received: axis=-3"),
+        ({"axis": [1, 4]}, (2, 3, 4, 5), "Axis 4 is out of bounds for input shape (2, 3, 4, 5). Received: axis=[1, 4]"),
         ({"axis": [1, -2]}, (2, 3, 4), "`axis` names the same input axis twice. Received: axis=[1, -2] for inputs of rank 3"),
         (
             {"axis": 0},
@@ -1104,7 +1125,10 @@ def test_error_for_mask_of_wrong_rank():
     layer = build(BatchNorm(), (None, 2, 3))
     with pytest.raises(
         ValueError,
-        match=re.escape("`mask` must have one dimension less than the inputs. Received: mask.shape=(4, 2, 3), inputs.shape=(4, 2, 3)"),
+        match=re.escape(
+            "The mask provided should be one dimension less than the inputs. "
+            "Received: mask.shape=(4, 2, 3), inputs.shape=(4, 2, 3)"
+        ),
     ):
         layer(np.ones((4, 2, 3), "float32"), training=True, mask=np.ones((4, 2, 3), bool))
 
@@ -1129,26 +1153,46 @@ def test_error_for_virtual_batch_size_not_dividing_batch(batch, virtual_batch_si
         ((1, 1, 1, 3), {}, "-1"),
         ((1, 3, 1, 1), {"axis": 1}, "1"),
         ((1, 3, 1, 5), {"axis": [1, 3]}, "[1, 3]"),
-        ((4, 3), {"virtual_batch_size": 1}, "-1"),
     ],
 )
-def test_error_for_single_value_per_channel_in_training(rng, shape, kwargs, axis_text):
-    layer = BatchNorm(**kwargs)
+def test_single_value_per_channel_warns_and_trains_like_keras(rng, shape, kwargs, axis_text):
+    """One value per channel: a warning, and the stock layer's numbers (output beta, batch variance 0)."""
+    ours = build(BatchNorm(momentum=0.5, **kwargs), shape)
+    stock_axis = kwargs.get("axis", -1)
     x = rng.normal(size=shape).astype("float32")
+    weights = randomize_weights(rng, ours)
+    with pytest.warns(
+        UserWarning,
+        match=re.escape(
+            "Training-mode batch normalization received one value per channel: the batch variance is 0 and "
+            f"the output is beta, as with keras.layers.BatchNormalization. Received: inputs.shape={shape} "
+            f"with axis={axis_text}"
+        ),
+    ):
+        outputs = to_numpy(ours(x, training=True))
+    beta = weights["beta"].reshape([shape[a] if a in ours._feature_axes else 1 for a in range(len(shape))])
+    np.testing.assert_allclose(outputs, np.broadcast_to(beta, shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value(ours, "moving_mean"), 0.5 * weights["moving_mean"] + 0.5 * x.reshape(weights["beta"].shape), rtol=1e-6)
+    np.testing.assert_allclose(value(ours, "moving_variance"), 0.5 * weights["moving_variance"], rtol=1e-6)
+    if isinstance(stock_axis, int):
+        stock = build(keras.layers.BatchNormalization(axis=stock_axis, momentum=0.5), shape)
+        randomize_weights(np.random.default_rng(0), stock)
+        for name in ("gamma", "beta") + STATS:
+            getattr(stock, name).assign(value(ours, name) if name in ("gamma", "beta") else weights[name])
+        np.testing.assert_allclose(outputs, to_numpy(stock(x, training=True)), rtol=1e-5, atol=1e-5)
+        assert_stats_close(ours, stock, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 1, 1, 3)])
+def test_error_for_virtual_batch_size_one_with_one_value_per_example(shape):
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "Training-mode batch normalization needs more than one value per channel "
-            f"(the output would be all zeros, i.e. beta). Received: inputs.shape={shape} with axis={axis_text}"
+            "`virtual_batch_size=1` leaves one value per channel in every sub-batch (the output would be all "
+            f"zeros, i.e. beta). Received: virtual_batch_size=1, inputs.shape={shape} with axis=-1"
         ),
     ):
-        layer(x, training=True)
-    # The same batch is fine in inference mode.
-    weights = randomize_weights(rng, layer)
-    expected = np_batch_norm(
-        x, weights["moving_mean"], weights["moving_variance"], weights["gamma"], weights["beta"], 1e-3, kwargs.get("axis", -1)
-    )
-    np.testing.assert_allclose(to_numpy(layer(x, training=False)), expected, atol=1e-5)
+        BatchNorm(virtual_batch_size=1)(np.ones(shape, "float32"), training=True)
 
 
 @pytest.mark.parametrize("shape, axis", [((1, 2, 2, 3), -1), ((1, 3, 2), 1), ((2, 3), -1)])
@@ -1169,30 +1213,30 @@ def test_batch_of_one_with_several_values_per_channel_trains(rng, shape, axis):
         (
             {"axis": 1},
             (2, 3, 4),
-            "inputs.shape=(2, 3, 4), axis=1, renorm=False, virtual_batch_size=None, synchronized=False, epsilon=0.001",
+            "inputs.shape=(2, 3, 4), axis=1, renorm=False, virtual_batch_size=None, epsilon=0.001",
         ),
         (
             {"axis": [1, 3]},
             (2, 3, 3, 4),
-            "inputs.shape=(2, 3, 3, 4), axis=[1, 3], renorm=False, virtual_batch_size=None, synchronized=False, "
+            "inputs.shape=(2, 3, 3, 4), axis=[1, 3], renorm=False, virtual_batch_size=None, "
             "epsilon=0.001",
         ),
         (
             {"epsilon": 1e-5},
             (2, 3, 3, 4),
-            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=False, virtual_batch_size=None, synchronized=False, "
+            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=False, virtual_batch_size=None, "
             "epsilon=1e-05",
         ),
         (
             {"renorm": True},
             (2, 3, 3, 4),
-            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=True, virtual_batch_size=None, synchronized=False, "
+            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=True, virtual_batch_size=None, "
             "epsilon=0.001",
         ),
         (
             {"virtual_batch_size": 2},
             (4, 3),
-            "inputs.shape=(4, 3), axis=-1, renorm=False, virtual_batch_size=2, synchronized=False, epsilon=0.001",
+            "inputs.shape=(4, 3), axis=-1, renorm=False, virtual_batch_size=2, epsilon=0.001",
         ),
     ],
 )
@@ -1204,9 +1248,21 @@ def test_error_for_impossible_fused_true(kwargs, shape, received):
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
 def test_error_for_fused_true_without_tensorflow():
     with pytest.raises(
-        ValueError, match=re.escape(f"`fused=True` needs the TensorFlow backend. Received: fused=True with backend {BACKEND!r}")
+        ValueError,
+        match=re.escape(f"`fused=True` needs the TensorFlow backend {TF_INSTALL}Received: fused=True with backend {BACKEND!r}"),
     ):
         BatchNorm(fused=True)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
+def test_cross_replica_moments_needs_tensorflow():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"`cross_replica_moments` (tf.distribute) needs the TensorFlow backend {TF_INSTALL}Received: backend {BACKEND!r}"
+        ),
+    ):
+        kerasbn.cross_replica_moments(np.ones((4, 3), "float32"), axes=[0])
 
 
 def test_axis_attribute_keeps_the_type_it_was_given_like_the_stock_layer():
@@ -1234,8 +1290,13 @@ def test_inference_applies_the_affine_map_with_the_fused_kernel_where_faster(rng
 
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
     randomize_weights(rng, layer)
+    plan = layer._plan(shape, dtype, training=False, gpu=False)  # the CPU rule, pinned
+    assert (plan.path == "fused_affine") == fused_expected, plan
+    # Measured on CPUs only: a GPU never gets the epsilon-0 kernel call.
+    assert layer._plan(shape, dtype, training=False, gpu=True).path != "fused_affine"
     graph = layer.inference_function.get_concrete_function().graph
-    assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == fused_expected
+    here = layer._plan(shape, dtype, training=False)
+    assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == (here.path == "fused_affine")
     x = sample(rng, shape, loc=0.5, scale=2.0).astype(dtype)
     mean, variance, gamma, beta = (value(layer, n) for n in ("moving_mean", "moving_variance", "gamma", "beta"))
     axis = kwargs.get("axis", -1)
@@ -1268,8 +1329,10 @@ def test_few_channels_run_on_a_widened_view_with_the_same_numbers(rng, shape, kw
 
     layer = build(BatchNorm(momentum=0.7, **kwargs), shape)
     randomize_weights(rng, layer)
+    assert (layer._plan(shape, "float32", training=True, gpu=False).path == "widened") == widened
     graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(tf.TensorSpec(shape)).graph
-    assert ("Tile" in {op.type for op in graph.get_operations()}) == widened
+    here = layer._plan(shape, "float32", training=True)
+    assert ("Tile" in {op.type for op in graph.get_operations()}) == (here.path == "widened")
     axis = kwargs.get("axis", -1)
     gamma, beta = value(layer, "gamma"), value(layer, "beta")
     mean0, variance0 = value(layer, "moving_mean"), value(layer, "moving_variance")
