@@ -911,9 +911,9 @@ def test_keras_file_round_trip_after_fit(rng, tmp_path, input_shape, kwargs):
 # --------------------------------------------------- recompute_statistics
 
 
-def _recompute_model(rng):
-    bn1 = BatchNorm(momentum=0.95, name="bn1")
-    bn2 = BatchNorm(momentum=0.9, epsilon=1e-2, name="bn2")
+def _recompute_model(rng, renorm=False):
+    bn1 = BatchNorm(momentum=0.95, name="bn1", renorm=renorm)
+    bn2 = BatchNorm(momentum=0.9, epsilon=1e-2, name="bn2", renorm=renorm)
     stock = keras.layers.BatchNormalization(momentum=0.5, name="stock_bn")
     dense1, dense2 = keras.layers.Dense(5, name="dense1"), keras.layers.Dense(3, name="dense2")
     model = keras.Sequential([keras.Input((4,)), dense1, bn1, dense2, bn2, stock], name="recompute")
@@ -983,6 +983,28 @@ def test_recompute_statistics_uses_the_whole_dataset_by_default(rng):
     np.testing.assert_allclose(value(model.get_layer("bn2"), "moving_variance"), expected["bn2"][1], atol=1e-5)
 
 
+def test_recompute_statistics_on_renorm_layers(rng):
+    """As the docstring says: population moving statistics, moving_stddev in step, renorm statistics untouched."""
+    model = _recompute_model(rng, renorm=True)
+    for step in range(2):  # training steps first, so the renorm statistics hold values of their own
+        model(sample(rng, (6, 4), loc=2.0 + step, scale=3.0), training=True)
+    layers = [model.get_layer(name) for name in ("bn1", "bn2")]
+    renorm_before = {(layer.name, name): value(layer, name) for layer in layers for name in ("renorm_mean", "renorm_stddev")}
+    batches = [sample(rng, (6, 4), loc=float(i), scale=1.0 + i) for i in range(3)]
+    assert kerasbn.recompute_statistics(model, batches) == 3
+    expected = _reference_population_statistics(model, batches)
+    for layer in layers:
+        assert layer.renorm is True
+        mean, variance = expected[layer.name]
+        np.testing.assert_allclose(value(layer, "moving_mean"), mean, atol=1e-5, err_msg=layer.name)
+        np.testing.assert_allclose(value(layer, "moving_variance"), variance, atol=1e-5, err_msg=layer.name)
+        np.testing.assert_allclose(value(layer, "moving_stddev"), np.sqrt(variance + layer.epsilon), atol=1e-5)
+        for name in ("renorm_mean", "renorm_stddev"):
+            np.testing.assert_array_equal(value(layer, name), renorm_before[(layer.name, name)], err_msg=name)
+    # The moving statistics really moved (the test could fail).
+    assert not np.allclose(value(layers[0], "renorm_mean"), value(layers[0], "moving_mean"), atol=1e-2)
+
+
 @pytest.mark.parametrize("num_batches", [0, -2, True])
 def test_recompute_statistics_rejects_bad_num_batches(rng, num_batches):
     model = _recompute_model(rng)
@@ -1012,6 +1034,114 @@ def test_recompute_statistics_needs_a_batch(rng):
         kerasbn.recompute_statistics(model, [])
     for old, variable in zip(before, model.weights):
         np.testing.assert_array_equal(to_numpy(variable), old)
+
+
+# ------------------------------- drop-in at the edges: side by side with the stock layer
+
+
+def _side_by_side(rng, shape, axis=-1, momentum=0.8):
+    """A kerasbn layer and a stock keras.layers.BatchNormalization, built, with the same weights."""
+    ours = build(BatchNorm(axis=axis, momentum=momentum), shape)
+    stock = build(keras.layers.BatchNormalization(axis=axis, momentum=momentum), shape)
+    randomize_weights(rng, ours, stock)
+    return ours, stock
+
+
+@pytest.mark.parametrize("padding", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("shape, axis", MASK_CASES)
+def test_non_finite_values_at_masked_positions_are_ignored_like_keras(rng, shape, axis, padding):
+    ours, stock = _side_by_side(rng, shape, axis)
+    for step in range(2):
+        x = sample(rng, shape, loc=step)
+        mask = _mask(rng, shape)
+        x[~mask] = padding
+        got, want = (to_numpy(layer(x, training=True, mask=mask)) for layer in (ours, stock))
+        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    for name in STATS:
+        assert np.all(np.isfinite(value(ours, name))), name
+    assert_stats_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 3, 4), (4, 6, 6, 6), (4, 3, 5)])
+def test_integer_inputs_compute_in_float32_like_keras(rng, shape):
+    ours, stock = _side_by_side(rng, shape)
+    x = rng.integers(-5, 20, size=shape).astype("int32")
+    for training in (True, False):
+        got, want = (layer(x, training=training) for layer in (ours, stock))
+        assert keras.backend.standardize_dtype(got.dtype) == keras.backend.standardize_dtype(want.dtype) == "float32"
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-5, err_msg=f"training={training}")
+    assert_stats_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_with_a_last_batch_of_one_example_trains_like_keras(rng):
+    """17 examples, batch 16: the last batch holds one example (JAX traces that concrete shape)."""
+    x = sample(rng, (17, 5), loc=1.0, scale=2.0)
+    y = rng.normal(size=(17, 1)).astype("float32")
+    results = {}
+    for name, norm in (("kerasbn", BatchNorm), ("keras", keras.layers.BatchNormalization)):
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), norm(momentum=0.5), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results[name] = (history.history["loss"], [to_numpy(w) for w in model.layers[1].weights])
+    losses, weights = results["kerasbn"]
+    assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
+    np.testing.assert_allclose(losses, results["keras"][0], rtol=1e-4)
+    for got, want in zip(weights, results["keras"][1]):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 2, 4), (0, 4, 4, 6)])
+def test_empty_batch_leaves_moving_statistics_unchanged(rng, shape):
+    """The stock layer turns them into NaN (the mean of nothing); kerasbn keeps them."""
+    layer = build(BatchNorm(momentum=0.5), (None,) + shape[1:])
+    weights = randomize_weights(rng, layer)
+    outputs = layer(np.zeros(shape, "float32"), training=True)
+    assert tuple(outputs.shape) == shape
+    for name in STATS:
+        np.testing.assert_allclose(value(layer, name), weights[name], rtol=1e-6, err_msg=name)
+
+
+@tf_only
+@pytest.mark.parametrize("shape", [(3,), (2, 2, 4), (4, 4, 6)])
+def test_empty_batch_of_unknown_size_leaves_moving_statistics_unchanged(rng, shape):
+    """With the batch size unknown while tracing, the choice happens in the graph (a select)."""
+    import tensorflow as tf
+
+    layer = build(BatchNorm(momentum=0.5), (None,) + shape)
+    weights = randomize_weights(rng, layer)
+    step = tf.function(lambda t: layer(t, training=True), input_signature=[tf.TensorSpec((None,) + shape)])
+    step(tf.zeros((0,) + shape))
+    for name in STATS:
+        np.testing.assert_allclose(value(layer, name), weights[name], rtol=1e-6, err_msg=name)
+    x = sample(rng, (4,) + shape)
+    step(tf.constant(x))
+    _, mean, variance = np_batch_norm_train(x, weights["gamma"], weights["beta"], 1e-3, -1)
+    np.testing.assert_allclose(value(layer, "moving_mean"), 0.5 * weights["moving_mean"] + 0.5 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value(layer, "moving_variance"), 0.5 * weights["moving_variance"] + 0.5 * variance, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batches_are_contiguous_and_equal_tf_keras_strided_ones_after_a_permutation(rng):
+    """kerasbn: examples 0..v-1, v..2v-1, ...; tf-keras: k, k + B/v, k + 2B/v, ... (B/v groups of v)."""
+    batch, size, shape = 12, 3, (12, 2, 4)
+    groups = batch // size
+    layer = build(BatchNorm(virtual_batch_size=size, momentum=0.0, center=False, scale=False), shape)
+    x = sample(rng, shape)
+    x[::groups] = 4.0 * x[::groups] + 3.0  # strided group 0 differs from the rest
+
+    def strided_reference(x):  # tf-keras: reshape to (v, B/v, ...), statistics over axis 0 and the rest
+        view = x.astype(np.float64).reshape((size, groups) + shape[1:])
+        mean = view.mean(axis=(0, 2), keepdims=True)
+        variance = view.var(axis=(0, 2), keepdims=True)
+        return ((view - mean) / np.sqrt(variance + 1e-3)).reshape(shape), mean.mean(axis=1).ravel()
+
+    expected, expected_mean = strided_reference(x)
+    assert not np.allclose(to_numpy(layer(x, training=True)), expected, atol=1e-2)  # without the permutation
+    order = np.array([k + j * groups for k in range(groups) for j in range(size)])  # strided groups, made contiguous
+    outputs = to_numpy(layer(x[order], training=True))
+    np.testing.assert_allclose(outputs[np.argsort(order)], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value(layer, "moving_mean"), expected_mean, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ errors
@@ -1087,6 +1217,46 @@ def test_constructor_errors_name_argument_and_value(kwargs, message):
 def test_build_errors_name_argument_and_value(kwargs, shape, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         BatchNorm(**kwargs).build(shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmidn": 0.5}},
+        {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}},
+        {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
+    ],
+)
+def test_constructor_errors_begin_with_the_stock_layers_wording(kwargs):
+    """Code matching keras.layers.BatchNormalization's messages keeps working; the values come after."""
+    with pytest.raises(ValueError) as stock:
+        keras.layers.BatchNormalization(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        BatchNorm(**kwargs)
+    # Keras 3.15.1 leaves "{rmax}" unformatted in one message: compare up to the values.
+    stock_words = str(stock.value).split(" Received: ")[0].rstrip(".")
+    assert str(ours.value).startswith(stock_words), (str(ours.value), str(stock.value))
+
+
+def test_renorm_clipping_is_checked_only_with_renorm_like_the_stock_layer():
+    kwargs = {"renorm_clipping": {"rmidn": 0.5}}
+    keras.layers.BatchNormalization(**kwargs)
+    assert BatchNorm(**kwargs).get_config()["renorm_clipping"] == {"rmidn": 0.5}
+
+
+def test_axis_and_mask_errors_read_as_the_stock_layers():
+    with pytest.raises(ValueError) as stock:
+        keras.layers.BatchNormalization(axis=2).compute_output_shape((2, 3))
+    with pytest.raises(ValueError) as ours:
+        BatchNorm(axis=2).build((2, 3))
+    assert str(ours.value) == str(stock.value)
+    x, mask = np.ones((4, 2, 3), "float32"), np.ones((4, 2, 3), bool)
+    with pytest.raises(ValueError) as stock:
+        keras.layers.BatchNormalization()(x, training=True, mask=mask)
+    with pytest.raises(ValueError) as ours:
+        BatchNorm()(x, training=True, mask=mask)
+    assert "The mask provided should be one dimension less than the inputs. Received: mask.shape=(4, 2, 3)" in str(stock.value)
+    assert "The mask provided should be one dimension less than the inputs. Received: mask.shape=(4, 2, 3)" in str(ours.value)
 
 
 def test_error_for_rank_one_call():
@@ -1243,6 +1413,26 @@ def test_batch_of_one_with_several_values_per_channel_trains(rng, shape, axis):
 def test_error_for_impossible_fused_true(kwargs, shape, received):
     with pytest.raises(ValueError, match=re.escape("`fused=True` needs") + ".*" + re.escape("Received: fused=True, " + received)):
         BatchNorm(fused=True, **kwargs).build(shape)
+
+
+@tf_only
+@pytest.mark.parametrize(
+    "dtype, masked, blocker",
+    [("float32", True, "a mask"), ("float64", False, "float64 inputs")],
+)
+def test_fused_true_raises_where_the_kernel_cannot_run(rng, dtype, masked, blocker):
+    shape = (4, 3, 3, 4)
+    layer = build(BatchNorm(fused=True, dtype=dtype), shape)
+    x = rng.normal(size=shape).astype(dtype)
+    mask = _mask(rng, shape) if masked else None
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"`fused=True` cannot take the fused kernel here: {blocker}. Use fused=None to let the layer choose. ")
+        + ".*"
+        + re.escape(f"Received: fused=True, inputs.shape={shape}, dtype={dtype}"),
+    ):
+        layer(x, training=True, mask=mask)
+    layer(x, training=False, mask=mask)  # inference needs no batch statistics
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
