@@ -31,7 +31,13 @@ def statistics_dtype(dtype) -> str:
     float16 (max 65504) and lose most of their digits in bfloat16. float32
     for integer inputs, as keras.layers.BatchNormalization does; float64 stays.
     """
-    return keras.backend.standardize_dtype(keras.backend.result_type(dtype, "float32"))
+    dtype = keras.backend.standardize_dtype(dtype)
+    if dtype in ("float32", "float64"):
+        return dtype
+    # What keras.backend.result_type(dtype, "float32") gives for 16-bit
+    # floats, integers and bool, spelled out so that it is the same on every
+    # backend (JAX without x64 would also turn float64 into float32).
+    return "float32"
 
 
 def moments(
