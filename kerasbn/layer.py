@@ -46,9 +46,6 @@ FUSED_MIN_ELEMENTS = 100_000
 # and the trick has not run on a GPU.
 FUSED_INFERENCE_MIN_CHANNELS = 16
 
-TRAINING_PATHS = ("fused", "widened", "generic")
-INFERENCE_PATHS = ("fused_affine", "widened", "generic")
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -135,16 +132,18 @@ class BatchNorm(keras.layers.Layer):
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
             (the moving averages take their mean). Must divide the batch.
-        fused: None (use the fused kernel where exact), True (require it) or
-            False (never use it).
+        fused: None (use the fused kernel where exact and, on CPUs, measured
+            faster), True (require it: an error where it cannot run, e.g.
+            with a mask or cross-replica statistics) or False (never use it).
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
         inputs: Tensor of rank at least 2.
         training: Python bool; True normalizes with batch statistics and
             updates the moving averages.
-        mask: Optional weights of shape `inputs.shape[:-1]`; masked-out
-            positions do not count towards the batch statistics.
+        mask: Optional boolean mask of shape `inputs.shape[:-1]`; masked-out
+            positions do not count towards the batch statistics, whatever
+            they hold (inf and NaN padding included).
 
     Example:
 
@@ -652,7 +651,7 @@ class BatchNorm(keras.layers.Layer):
                 and not gpu
                 and rank == 4
                 and self._feature_axes == (3,)
-                and (shape[3] or 0) >= FUSED_INFERENCE_MIN_CHANNELS
+                and shape[3] >= FUSED_INFERENCE_MIN_CHANNELS
                 and keras.backend.standardize_dtype(dtype) in FUSED_DTYPES
             ):
                 return Plan("fused_affine", f"CPU, NHWC with >= {FUSED_INFERENCE_MIN_CHANNELS} channels", layout="NHWC")
@@ -660,9 +659,10 @@ class BatchNorm(keras.layers.Layer):
                 return Plan("widened", f"{shape[-1]} channels on the last axis: a view {widen} times wider", widen=widen)
             return Plan("generic", "x * a + b as it is")
 
+        cross_replica = self._cross_replica()
         layout = self._fused_layout(rank)
         blocker = None
-        if self._cross_replica():
+        if cross_replica:
             blocker = "synchronized statistics across replicas need the generic path's all-reduce"
         elif layout is None:
             blocker = "no fused layout (axis, renorm, virtual_batch_size or epsilon)"
@@ -680,8 +680,11 @@ class BatchNorm(keras.layers.Layer):
         if self.fused:
             return Plan("fused", "fused=True", layout=layout)
         reduced = [shape[a] for a in bn_ops.reduction_axes(rank, self._feature_axes)]
-        one_value = None not in reduced and math.prod(reduced) <= 1
-        if self.fused is None and blocker is None and not one_value:
+        if blocker is None and None not in reduced and math.prod(reduced) <= 1:
+            # No statistics to speak of (the batch variance is 0, or there
+            # is no example): the generic path, whose numbers are tested.
+            blocker = "at most one value per channel"
+        if self.fused is None and blocker is None:
             if gpu:
                 return Plan("fused", "GPU: the fused kernel everywhere it is exact", layout=layout)
             if rank == 4 and layout == "NCHW":
@@ -690,7 +693,7 @@ class BatchNorm(keras.layers.Layer):
                 return Plan("fused", f"CPU, NHWC, channels a multiple of {FUSED_NHWC_CHANNEL_MULTIPLE}", layout=layout)
             if rank != 4 and (None in shape or math.prod(shape) >= FUSED_MIN_ELEMENTS):
                 return Plan("fused", f"CPU, viewed as (-1, 1, 1, C), >= {FUSED_MIN_ELEMENTS} elements", layout=layout)
-        simple = not (masked or self.renorm or self.virtual_batch_size is not None or self._cross_replica())
+        simple = not (masked or self.renorm or self.virtual_batch_size is not None or cross_replica)
         if widen > 1 and simple:
             return Plan("widened", f"{shape[-1]} channels on the last axis: a view {widen} times wider", widen=widen)
         if blocker is None:
