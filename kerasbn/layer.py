@@ -356,7 +356,8 @@ class BatchNorm(keras.layers.Layer):
     def _train_forward(self, inputs, mask):
         self._check_batch_size(tuple(inputs.shape))
         plan = self._plan(inputs.shape, inputs.dtype, training=True, masked=mask is not None)
-        fresh = _has_examples(inputs)
+        # Synchronized statistics are the global batch's, whatever this slice holds.
+        fresh = True if self._cross_replica() else _has_examples(inputs)
         dtype = bn_ops.statistics_dtype(inputs.dtype)
         if plan.path == "fused":
             from kerasbn.fused import fused_batch_norm_training
