@@ -104,6 +104,7 @@ def _unconditional_requirements(metadata: str) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * INSTALL_TIMEOUT_S)
 @needs_jax
 def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_only(tmp_path):
     source = _copy_checkout(tmp_path / "source")
