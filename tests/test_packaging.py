@@ -133,6 +133,7 @@ def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_onl
     with tarfile.open(sdist) as archive:
         members = [m.split("/", 1)[1] for m in archive.getnames() if "/" in m]
     assert {m.split("/")[0] for m in members if "/" in m} == {"kerasbn", "kerasbn.egg-info"}, sorted(members)
+    assert [m for m in members if m.endswith(".py") and not m.startswith("kerasbn/")] == [], sorted(members)
 
     _run([*pip, wheel], env=env)
     installed = _run(
