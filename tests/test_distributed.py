@@ -3,7 +3,8 @@
 Multi-replica runs need the CPU split into logical devices before TensorFlow
 initialises, so every scenario runs in a fresh process (`tests/_dist_worker.py`):
 one `MirroredStrategy` process per replica count (2 and 3) covers the custom
-training loops, saving, `model.fit` and `recompute_statistics`; a two-process
+training loops, saving, `model.fit`, `recompute_statistics` and global batches
+small enough that a replica holds one example or none; a two-process
 `MultiWorkerMirroredStrategy` cluster on 127.0.0.1 covers multi-worker runs.
 The worker saves arrays to an `.npz` file; the assertions live here, against
 a single-device layer run in the worker and float64 NumPy closed forms
