@@ -1,5 +1,7 @@
-# Every target sets itself up: a virtual environment at .venv, the package installed editable into it,
-# and (where apt is available) Debian's offline copy of Fashion-MNIST.
+# Every target sets itself up: a virtual environment at .venv, the package installed editable into it
+# with the extras the repository's own tools need (TensorFlow, the training kit, the tests), and
+# (where apt is available) Debian's offline copy of Fashion-MNIST. `pip install .` alone gives the
+# layer with keras and numpy only.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +15,7 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[tensorflow,train,dev]'
 	touch $(STAMP)
 
 # Debian ships the original IDX files; tfds' own download needs a network these machines lack.
@@ -44,4 +46,4 @@ export: $(STAMP)
 	$(PY) -m training.export $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build dist *.egg-info

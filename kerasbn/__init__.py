@@ -5,22 +5,12 @@
 """
 
 from kerasbn.affine import Affine
+from kerasbn.distributed import cross_replica_moments
 from kerasbn.transforms import FoldReport, convert, fold
 from kerasbn.layer import BatchNorm
 from kerasbn.ops import fold_affine, fold_into_kernel, moments, normalize
 from kerasbn.statistics import recompute_statistics
-
-__version__ = "0.1.0"
-
-
-def cross_replica_moments(x, axes, mask=None, keepdims=False):
-    """Global-batch moments inside a `tf.distribute` replica (TensorFlow backend).
-
-    See `kerasbn.distributed.cross_replica_moments`.
-    """
-    from kerasbn.distributed import cross_replica_moments as impl
-
-    return impl(x, axes, mask=mask, keepdims=keepdims)
+from kerasbn.version import __version__
 
 
 __all__ = [

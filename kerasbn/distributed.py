@@ -3,23 +3,31 @@
 Under `MirroredStrategy` or `MultiWorkerMirroredStrategy` each replica runs the
 layer on its own slice of the global batch. These functions let the replicas
 agree on statistics of the whole global batch.
+
+TensorFlow is imported inside the functions, so `kerasbn` imports this module
+on every backend; on another backend `cross_replica_moments` raises a clear
+error instead of an ImportError.
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import tensorflow as tf
-
 from kerasbn import ops as bn_ops
+from kerasbn.backend import is_tensorflow, require_tensorflow
 
 
 def replica_context():
     """The replica context when more than one replica runs in sync, else None.
 
     In cross-replica context (a model called outside `strategy.run`) the whole
-    batch is on one device, so local statistics already are global ones.
+    batch is on one device, so local statistics already are global ones. On
+    backends other than TensorFlow there is no `tf.distribute`: always None.
     """
+    if not is_tensorflow():
+        return None
+    import tensorflow as tf
+
     if not tf.distribute.has_strategy():
         return None
     context = tf.distribute.get_replica_context()
@@ -33,7 +41,7 @@ def cross_replica_moments(
     axes: Sequence[int],
     mask=None,
     keepdims: bool = False,
-) -> Tuple[tf.Tensor, tf.Tensor]:
+) -> Tuple[object, object]:
     """Mean and variance of the global batch, from inside a replica.
 
     Two passes, each one all-reduce: first the count and the sum (giving the
@@ -55,21 +63,28 @@ def cross_replica_moments(
 
     Returns:
         `(mean, variance)`, float32 for half-precision inputs.
+
+    Raises:
+        ValueError: on a Keras backend other than TensorFlow.
     """
+    require_tensorflow("`cross_replica_moments` (tf.distribute)")
+    import tensorflow as tf
+
     context = replica_context()
     if context is None:
         return bn_ops.moments(x, axes, mask=mask, keepdims=keepdims)
     axes = tuple(axes)
     x = tf.cast(x, bn_ops.statistics_dtype(x.dtype))
     if mask is None:
-        weights = None
+        keep = None
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
         local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
         count = tf.fill(tf.shape(local_sum), count)
     else:
-        weights = tf.broadcast_to(tf.cast(tf.expand_dims(mask, -1), x.dtype), tf.shape(x))
-        count = tf.reduce_sum(weights, axis=axes, keepdims=True)
-        local_sum = tf.reduce_sum(weights * x, axis=axes, keepdims=True)
+        keep = tf.broadcast_to(tf.expand_dims(tf.cast(mask, tf.bool), -1), tf.shape(x))
+        count = tf.reduce_sum(tf.cast(keep, x.dtype), axis=axes, keepdims=True)
+        # Select, not multiply: padding may hold inf or NaN, and 0 * inf is NaN.
+        local_sum = tf.reduce_sum(tf.where(keep, x, tf.zeros_like(x)), axis=axes, keepdims=True)
     # One all-reduce for count and sum together; the count carries no gradient.
     total_sum, total_count = context.all_reduce(
         tf.distribute.ReduceOp.SUM, [local_sum, tf.stop_gradient(count)]
@@ -79,8 +94,8 @@ def cross_replica_moments(
     # The mean's gradient through the second pass is exactly zero (the
     # deviations sum to zero), so stop it and save a backward all-reduce.
     deviation = tf.square(x - tf.stop_gradient(mean))
-    if weights is not None:
-        deviation = weights * deviation
+    if keep is not None:
+        deviation = tf.where(keep, deviation, tf.zeros_like(deviation))
     local_squares = tf.reduce_sum(deviation, axis=axes, keepdims=True)
     total_squares = context.all_reduce(tf.distribute.ReduceOp.SUM, local_squares)
     variance = total_squares / total_count

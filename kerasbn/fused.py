@@ -63,7 +63,8 @@ def fused_affine_nhwc(x, a, b):
     computes `(x - 0) * rsqrt(1 + 0) * a + b`, the same affine map, in one.
     On this project's 2-core CPU that halved the time for (128, 56, 56, 64)
     and (64, 28, 28, 256), but was slower below 16 channels (see
-    `kerasbn.layer.FUSED_INFERENCE_MIN_CHANNELS`).
+    `kerasbn.layer.FUSED_INFERENCE_MIN_CHANNELS`). The layer calls it on CPUs
+    only: cuDNN has long required epsilon >= 1e-5, and no GPU has run it.
 
     Args:
         x: 4-D NHWC tensor (float16, bfloat16 or float32).

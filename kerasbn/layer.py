@@ -9,34 +9,63 @@ all-reduce, the `tf.function` inference path) in `kerasbn/fused.py` and
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from typing import Optional, Sequence, Union
 
 import keras
 from keras import constraints, initializers, ops, regularizers
 
 from kerasbn import ops as bn_ops
+from kerasbn.backend import has_gpu, is_tensorflow, require_tensorflow
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-# Below this many channels, two element-wise ops beat the fused inference
-# kernel on CPU (measured: (256, 24, 24, 6) 1.1 ms vs 1.5 ms; (256, 8, 8, 16)
-# 0.56 ms vs 0.34 ms).
-FUSED_INFERENCE_MIN_CHANNELS = 16
 # Input dtypes TensorFlow's fused batch-norm kernel takes.
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
-# Below this many elements, the fused training kernel lost to the generic path
-# for inputs viewed as (-1, 1, 1, C) on CPU: 256x120 1.7x slower, 1024x120 faster.
+
+# The auto rule's CPU thresholds (`fused=None`, TensorFlow backend, no GPU).
+# Measured on this project's 2-core AMD EPYC (oneDNN) by `python -m bench`,
+# time relative to keras.layers.BatchNormalization, in bench/results/latest.md
+# ("Layer" table) and bench/results/lenet_profile.md (section 4, the scan):
+#
+# Training, NHWC: the fused kernel was 2.5-3.3x faster than the generic path
+# where the channel count is a multiple of 4 (4 to 32 measured) and 1.5-2.4x
+# slower otherwise (1, 2, 3, 5, 6, 7, 10; 256x24x24x6: fused 1.93x of keras,
+# widened 0.41x). NCHW: the kernel won at every count measured (256x24x24x6
+# 0.87x, generic 0.96x), so NCHW has no threshold.
+FUSED_NHWC_CHANNEL_MULTIPLE = 4
+# Training, other ranks viewed as (-1, 1, 1, C): the kernel carries a fixed
+# cost of about 0.3 ms per call that pays from ~1e5 elements (256x120 1.7x
+# slower than generic; 1024x120 0.84x of keras, generic 1.06x).
 FUSED_MIN_ELEMENTS = 100_000
+# Inference, NHWC: `x * a + b` through the fused kernel (`fused_affine_nhwc`,
+# epsilon 0) in one pass beat two element-wise ops from 16 channels
+# (256x8x8x16 0.70x of keras vs 1.08x) and lost below (256x24x24x6 1.11x vs
+# the widened view's 0.52x). CPU only: cuDNN has long required epsilon >= 1e-5,
+# and the trick has not run on a GPU.
+FUSED_INFERENCE_MIN_CHANNELS = 16
 
 
-def _has_gpu() -> bool:
-    import tensorflow as tf
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one call of `BatchNorm` computes, and why: chosen in one place, `BatchNorm._plan`.
 
-    return bool(tf.config.list_logical_devices("GPU"))
+    Attributes:
+        path: In training, "fused" (TensorFlow's fused batch-norm kernel),
+            "widened" (the `keras.ops` math on a `(rows / k, k * C)` view, see
+            `kerasbn.ops.widen_factor`) or "generic" (the `keras.ops` math on
+            the input as it is). In inference, "fused_affine" (`x * a + b`
+            through the fused kernel), "widened" or "generic".
+        reason: The rule that decided, in words.
+        layout: The fused kernel's data format, "NHWC" or "NCHW" (fused only).
+        widen: k of the widened view (widened only; else 1).
+    """
 
-
-def _is_tensorflow() -> bool:
-    return keras.backend.backend() == "tensorflow"
+    path: str
+    reason: str
+    layout: Optional[str] = None
+    widen: int = 1
 
 
 def _clone_initializer(initializer):
@@ -103,16 +132,18 @@ class BatchNorm(keras.layers.Layer):
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
             (the moving averages take their mean). Must divide the batch.
-        fused: None (use the fused kernel where exact), True (require it) or
-            False (never use it).
+        fused: None (use the fused kernel where exact and, on CPUs, measured
+            faster), True (require it: an error where it cannot run, e.g.
+            with a mask or cross-replica statistics) or False (never use it).
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
         inputs: Tensor of rank at least 2.
         training: Python bool; True normalizes with batch statistics and
             updates the moving averages.
-        mask: Optional weights of shape `inputs.shape[:-1]`; masked-out
-            positions do not count towards the batch statistics.
+        mask: Optional boolean mask of shape `inputs.shape[:-1]`; masked-out
+            positions do not count towards the batch statistics, whatever
+            they hold (inf and NaN padding included).
 
     Example:
 
@@ -164,7 +195,8 @@ class BatchNorm(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.renorm = bool(renorm)
-        self.renorm_clipping = _validate_renorm_clipping(renorm_clipping)
+        # Checked only with renorm, as keras.layers.BatchNormalization does.
+        self.renorm_clipping = _validate_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
         self.renorm_momentum = _validate_momentum("renorm_momentum", renorm_momentum)
         self.synchronized = bool(synchronized)
         if virtual_batch_size is not None and (
@@ -179,11 +211,8 @@ class BatchNorm(keras.layers.Layer):
         self.virtual_batch_size = virtual_batch_size
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
-        if fused and not _is_tensorflow():
-            raise ValueError(
-                "`fused=True` needs the TensorFlow backend. "
-                f"Received: fused={fused!r} with backend {keras.backend.backend()!r}"
-            )
+        if fused:
+            require_tensorflow("`fused=True`", received=f"fused={fused!r}")
         self.fused = fused
         self.supports_masking = True
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
@@ -205,9 +234,10 @@ class BatchNorm(keras.layers.Layer):
         axes = []
         for axis in self._axis_list:
             if not -rank <= axis < rank:
+                # keras.layers.BatchNormalization's wording.
                 raise ValueError(
-                    f"`axis` is out of range for inputs of rank {rank}. "
-                    f"Received: axis={self.axis!r}, inputs.shape={input_shape}"
+                    f"Axis {axis} is out of bounds for input shape {input_shape}. "
+                    f"Received: axis={self.axis!r}"
                 )
             axes.append(axis % rank)
         if len(set(axes)) != len(axes):
@@ -280,14 +310,14 @@ class BatchNorm(keras.layers.Layer):
             self.renorm_stddev = self.add_weight(
                 name="renorm_stddev", initializer=stddev_initializer, **stat
             )
-        if self.fused and (self._fused_layout(rank) is None or self.synchronized):
+        # What the shape and arguments rule out is known now; a mask, the
+        # dtype and cross-replica statistics only at call time (`_plan`).
+        if self.fused and self._fused_layout(rank) is None:
             raise ValueError(
                 "`fused=True` needs inputs normalized over their last axis only (or axis 1 of "
-                "4-D NCHW inputs), without renorm, virtual_batch_size or synchronized, and "
-                "epsilon >= 1.001e-5. "
+                "4-D NCHW inputs), without renorm or virtual_batch_size, and epsilon >= 1.001e-5. "
                 f"Received: fused=True, inputs.shape={input_shape}, axis={self.axis!r}, "
-                f"renorm={self.renorm}, virtual_batch_size={self.virtual_batch_size}, "
-                f"synchronized={self.synchronized}, epsilon={self.epsilon}"
+                f"renorm={self.renorm}, virtual_batch_size={self.virtual_batch_size}, epsilon={self.epsilon}"
             )
 
     def _add_statistic(self, name, initializer, shape, synchronization):
@@ -318,7 +348,7 @@ class BatchNorm(keras.layers.Layer):
         that every read outside the replicas returns.
         """
         mean, variance = self.moving_mean, self.moving_variance
-        if _is_tensorflow() and not self.renorm:
+        if is_tensorflow() and not self.renorm:
             from kerasbn.distributed import replica_context
 
             context = replica_context()
@@ -346,11 +376,9 @@ class BatchNorm(keras.layers.Layer):
     def _inference(self, inputs):
         """`call(training=False)`: the folded formula with the moving statistics.
 
-        `(a, b) = fold_affine(moving statistics, gamma, beta)`, then `x * a + b`;
-        the compiled `inference_function` runs this very method. On the
-        TensorFlow backend, 4-D NHWC inputs with at least
-        `FUSED_INFERENCE_MIN_CHANNELS` channels apply `x * a + b` through the
-        fused kernel, one pass over memory instead of two.
+        `(a, b) = fold_affine(moving statistics, gamma, beta)`, then `x * a + b`
+        on the path `_plan` picks; the compiled `inference_function` runs this
+        very method.
         """
         dtype = bn_ops.statistics_dtype(inputs.dtype)
         a, b = bn_ops.fold_affine(
@@ -359,60 +387,52 @@ class BatchNorm(keras.layers.Layer):
             )),
             epsilon=self.epsilon,
         )
-        if self._use_fused_inference(inputs):
+        plan = self._plan(inputs.shape, inputs.dtype, training=False)
+        if plan.path == "fused_affine":
             from kerasbn.fused import fused_affine_nhwc
 
             return ops.cast(fused_affine_nhwc(inputs, a, b), self.compute_dtype)
         x = ops.cast(inputs, dtype)
-        k = self._widen_factor(inputs.shape)
-        if k > 1:
-            wide = ops.reshape(x, (-1, k * inputs.shape[-1]))
+        if plan.path == "widened":
+            wide = ops.reshape(x, (-1, plan.widen * inputs.shape[-1]))
             outputs = bn_ops.apply_affine_widened(wide, a, b)
             return ops.cast(ops.reshape(outputs, ops.shape(inputs)), self.compute_dtype)
         a, b = self._broadcast(len(inputs.shape), a, b, dtype=dtype)
         return ops.cast(bn_ops.apply_affine(x, a, b), self.compute_dtype)
 
-    def _use_fused_inference(self, inputs) -> bool:
-        return (
-            self.fused is not False
-            and _is_tensorflow()
-            and len(inputs.shape) == 4
-            and self._feature_axes == (3,)
-            and inputs.shape[3] >= FUSED_INFERENCE_MIN_CHANNELS
-            and keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES
-        )
-
     def _train_forward(self, inputs, mask):
         self._check_batch_size(tuple(inputs.shape))
-        if mask is None and self._use_fused(inputs):
+        plan = self._plan(inputs.shape, inputs.dtype, training=True, masked=mask is not None)
+        # Synchronized statistics are the global batch's, whatever this slice holds.
+        fresh = True if self._cross_replica() else _has_examples(inputs)
+        dtype = bn_ops.statistics_dtype(inputs.dtype)
+        if plan.path == "fused":
             from kerasbn.fused import fused_batch_norm_training
 
-            data_format = self._fused_layout(len(inputs.shape))
-            x = inputs
+            # The kernel takes half-precision inputs as they are (its
+            # statistics are float32); integers go in as float32.
+            x = inputs if keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES else ops.cast(inputs, dtype)
             if len(inputs.shape) != 4:
-                x = ops.reshape(inputs, (-1, 1, 1, inputs.shape[-1]))
+                x = ops.reshape(x, (-1, 1, 1, inputs.shape[-1]))
             outputs, mean, variance = fused_batch_norm_training(
-                x, self.gamma, self.beta, self.epsilon, data_format
+                x, self.gamma, self.beta, self.epsilon, plan.layout
             )
             outputs = ops.reshape(outputs, ops.shape(inputs))
-            self._update_moving_statistics(mean, variance)
+            self._update_moving_statistics(mean, variance, fresh)
             return ops.cast(outputs, self.compute_dtype)
 
-        k = self._widen_factor(inputs.shape)
-        if mask is None and k > 1 and not self.renorm and self.virtual_batch_size is None and not self._cross_replica():
+        if plan.path == "widened":
             # Few channels: the same statistics and formula on a
             # (rows / k, k * channels) view, which vectorizes (see ops.widen_factor).
-            dtype = bn_ops.statistics_dtype(inputs.dtype)
             channels = inputs.shape[-1]
-            wide = ops.reshape(ops.cast(inputs, dtype), (-1, k * channels))
+            wide = ops.reshape(ops.cast(inputs, dtype), (-1, plan.widen * channels))
             mean, variance = bn_ops.widened_moments(wide, channels)
             gamma, beta = (bn_ops.cast_optional(p, dtype) for p in (self.gamma, self.beta))
             a, b = bn_ops.fold_affine(mean, variance, gamma, beta, self.epsilon)
             outputs = bn_ops.apply_affine_widened(wide, a, b)
-            self._update_moving_statistics(mean, variance)
+            self._update_moving_statistics(mean, variance, fresh)
             return ops.cast(ops.reshape(outputs, ops.shape(inputs)), self.compute_dtype)
 
-        dtype = bn_ops.statistics_dtype(inputs.dtype)
         x = ops.cast(inputs, dtype)
         rank = len(inputs.shape)
         axes = bn_ops.reduction_axes(rank, self._feature_axes)
@@ -435,12 +455,12 @@ class BatchNorm(keras.layers.Layer):
             variance = ops.mean(variance, axis=0)
         param_shape = tuple(self.moving_mean.shape)
         self._update_moving_statistics(
-            ops.reshape(mean, param_shape), ops.reshape(variance, param_shape)
+            ops.reshape(mean, param_shape), ops.reshape(variance, param_shape), fresh
         )
         return ops.cast(outputs, self.compute_dtype)
 
     def _batch_moments(self, x, axes, mask):
-        if self.synchronized and _is_tensorflow():
+        if self.synchronized and is_tensorflow():
             from kerasbn.distributed import cross_replica_moments
 
             return cross_replica_moments(x, axes, mask=mask, keepdims=True)
@@ -454,7 +474,7 @@ class BatchNorm(keras.layers.Layer):
                 "`virtual_batch_size` must divide the batch size. "
                 f"Received: virtual_batch_size={size}, batch size {batch}"
             )
-        if batch is None and _is_tensorflow():
+        if batch is None and is_tensorflow():
             import tensorflow as tf
 
             tf.debugging.assert_equal(
@@ -498,17 +518,32 @@ class BatchNorm(keras.layers.Layer):
             new_beta = new_beta + beta
         return new_gamma, new_beta
 
-    def _update_moving_statistics(self, mean, variance):
-        """Folds batch statistics (of the moving variables' shape) into the moving averages."""
+    def _update_moving_statistics(self, mean, variance, fresh=True):
+        """Folds batch statistics (of the moving variables' shape) into the moving averages.
+
+        `fresh` is False, or a boolean tensor, for a batch without examples (a
+        replica's empty slice of a global batch smaller than the replica
+        count). Its statistics are NaN, so each variable is assigned its own
+        value instead, selected rather than multiplied away. It is assigned
+        all the same: under a tf.distribute strategy every replica assigns,
+        and the mean over replicas then holds the other replicas' updates.
+        """
+
+        def update(variable, value, momentum=None):
+            if fresh is not True:
+                old = ops.cast(variable, value.dtype)
+                value = old if fresh is False else ops.where(fresh, value, old)
+            self.assign_moving_average(variable, value, momentum=momentum)
+
         if not self.renorm:
-            self.assign_moving_average(self.moving_mean, mean)
-            self.assign_moving_average(self.moving_variance, variance)
+            update(self.moving_mean, mean)
+            update(self.moving_variance, variance)
             return
         stddev = ops.sqrt(variance + self.epsilon)
-        self.assign_moving_average(self.renorm_mean, mean, momentum=self.renorm_momentum)
-        self.assign_moving_average(self.renorm_stddev, stddev, momentum=self.renorm_momentum)
-        self.assign_moving_average(self.moving_mean, mean)
-        self.assign_moving_average(self.moving_stddev, stddev)
+        update(self.renorm_mean, mean, momentum=self.renorm_momentum)
+        update(self.renorm_stddev, stddev, momentum=self.renorm_momentum)
+        update(self.moving_mean, mean)
+        update(self.moving_stddev, stddev)
         moving_stddev = ops.cast(self.moving_stddev, "float32")
         # relu: rounding must not make the variance negative.
         self.moving_variance.assign(ops.relu(moving_stddev * moving_stddev - self.epsilon))
@@ -549,11 +584,7 @@ class BatchNorm(keras.layers.Layer):
         folded affine form `x * a + b`) and traces once per signature
         (`inference_trace_count` counts the traces).
         """
-        if not _is_tensorflow():
-            raise RuntimeError(
-                "`inference_function` needs the TensorFlow backend. "
-                f"Received backend {keras.backend.backend()!r}"
-            )
+        require_tensorflow("`inference_function`", error=RuntimeError)
         if not self.built:
             raise RuntimeError(f"Layer {self.name!r} must be built before its inference_function is used.")
         if self._inference_fn is None:
@@ -584,20 +615,37 @@ class BatchNorm(keras.layers.Layer):
                     f"axis {axis}. Received: inputs.shape={shape} ({shape[axis]} channels)"
                 )
         if mask is not None and len(mask.shape) != len(shape) - 1:
+            # keras.layers.BatchNormalization's wording, with tuples.
             raise ValueError(
-                "`mask` must have one dimension less than the inputs. "
+                "The mask provided should be one dimension less than the inputs. "
                 f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={shape}"
             )
 
     def _check_batch_size(self, shape):
+        """Warns (once per trace) for one value per channel; raises where no batch could have more.
+
+        With one value per channel the batch variance is 0 and the output is
+        `beta`. The stock layer computes that without a word, and a batch of
+        one arrives in runs that must not stop: the last batch of a dataset
+        (JAX traces its concrete shape), a replica's slice of an uneven global
+        batch. So this only warns, except for `virtual_batch_size=1` with one
+        value per example per channel, which makes every batch degenerate.
+        """
         reduced = [shape[a] for a in bn_ops.reduction_axes(len(shape), self._feature_axes)]
-        if self.virtual_batch_size is not None:
-            reduced[0] = self.virtual_batch_size
-        if all(size is not None for size in reduced) and math.prod(reduced) == 1:
+        if self.virtual_batch_size == 1 and all(size == 1 for size in reduced[1:]):
             raise ValueError(
-                "Training-mode batch normalization needs more than one value per channel "
+                "`virtual_batch_size=1` leaves one value per channel in every sub-batch "
                 "(the output would be all zeros, i.e. beta). "
-                f"Received: inputs.shape={tuple(shape)} with axis={self.axis!r}"
+                f"Received: virtual_batch_size=1, inputs.shape={tuple(shape)} with axis={self.axis!r}"
+            )
+        if self.synchronized and self._cross_replica():
+            return  # the statistics are over the global batch, not this slice
+        if all(size is not None for size in reduced) and math.prod(reduced) == 1:
+            warnings.warn(
+                "Training-mode batch normalization received one value per channel: the batch "
+                "variance is 0 and the output is beta, as with keras.layers.BatchNormalization. "
+                f"Received: inputs.shape={tuple(shape)} with axis={self.axis!r}",
+                stacklevel=2,
             )
 
     def _fused_layout(self, rank: int) -> Optional[str]:
@@ -607,7 +655,7 @@ class BatchNorm(keras.layers.Layer):
         any other rank normalized over its last axis only is viewed as
         (-1, 1, 1, channels), which leaves the per-channel statistics unchanged.
         """
-        if not _is_tensorflow():
+        if not is_tensorflow():
             return None
         from kerasbn.fused import FUSED_MIN_EPSILON
 
@@ -619,42 +667,98 @@ class BatchNorm(keras.layers.Layer):
             return "NCHW"
         return None
 
-    def _use_fused(self, inputs) -> bool:
-        """Whether training mode runs TensorFlow's fused kernel.
+    def _plan(self, shape, dtype, training: bool, masked: bool = False, gpu: Optional[bool] = None) -> Plan:
+        """The path one call takes (see `Plan`): the one place that decides.
 
-        Where it is exact: `fused=True` always; `fused=None` where it is also
-        faster. On GPUs that is everywhere. On CPUs (oneDNN) it was measured
-        (bench/results/lenet_profile.md, latest.md) 2-4x faster for NHWC inputs
-        whose channel count is a multiple of 4, 1.2-1.5x slower for other
-        counts, faster for NCHW inputs, and 1.7-2x slower for small 2-D inputs
-        (below ~100,000 elements), where the generic path wins.
+        Args:
+            shape: The inputs' static shape (None for unknown sizes).
+            dtype: The inputs' dtype.
+            training: True for a training-mode call (batch statistics).
+            masked: Whether a mask comes with the inputs (training only).
+            gpu: Whether TensorFlow has a GPU; None asks TensorFlow. Tests pin
+                it to check the CPU rule on any machine.
+
+        Returns:
+            A `Plan`.
+
+        Raises:
+            ValueError: for `fused=True` where the fused kernel cannot be taken
+                (cross-replica statistics, a mask, float64 inputs).
         """
-        if self.fused is False or self._fused_layout(len(inputs.shape)) is None:
-            return False
-        if keras.backend.standardize_dtype(inputs.dtype) not in FUSED_DTYPES:
-            return False
-        if self._cross_replica():
-            return False  # global-batch statistics need the generic path's all-reduce
-        if self.fused or _has_gpu():
-            return True
-        shape = tuple(inputs.shape)
-        if len(shape) == 4:
-            # NCHW: the kernel won at every channel count measured (6: 0.88x of
-            # keras, the generic path 0.96x); NHWC: only at multiples of 4.
-            return self._fused_layout(4) == "NCHW" or shape[3] % 4 == 0
-        return None in shape or math.prod(shape) >= FUSED_MIN_ELEMENTS
+        shape = tuple(shape)
+        rank = len(shape)
+        if not is_tensorflow():
+            return Plan("generic", f"backend {keras.backend.backend()!r}: keras.ops only")
+        if gpu is None:
+            gpu = has_gpu()
+        float32_statistics = bn_ops.statistics_dtype(dtype) == "float32"
+        widen = self._widen(shape)
+        if not training:
+            if (
+                self.fused is not False
+                and not gpu
+                and rank == 4
+                and self._feature_axes == (3,)
+                and shape[3] >= FUSED_INFERENCE_MIN_CHANNELS
+                and keras.backend.standardize_dtype(dtype) in FUSED_DTYPES
+            ):
+                return Plan("fused_affine", f"CPU, NHWC with >= {FUSED_INFERENCE_MIN_CHANNELS} channels", layout="NHWC")
+            if widen > 1 and not self.fused:
+                return Plan("widened", f"{shape[-1]} channels on the last axis: a view {widen} times wider", widen=widen)
+            return Plan("generic", "x * a + b as it is")
+
+        cross_replica = self._cross_replica()
+        layout = self._fused_layout(rank)
+        blocker = None
+        if cross_replica:
+            blocker = "synchronized statistics across replicas need the generic path's all-reduce"
+        elif layout is None:
+            blocker = "no fused layout (axis, renorm, virtual_batch_size or epsilon)"
+        elif masked:
+            blocker = "a mask"
+        elif not float32_statistics:
+            blocker = f"{keras.backend.standardize_dtype(dtype)} inputs"
+        if self.fused and blocker is not None:
+            raise ValueError(
+                f"`fused=True` cannot take the fused kernel here: {blocker}. Use fused=None to let "
+                f"the layer choose. Received: fused=True, inputs.shape={shape}, dtype="
+                f"{keras.backend.standardize_dtype(dtype)}, mask={'given' if masked else None}, "
+                f"synchronized={self.synchronized}"
+            )
+        if self.fused:
+            return Plan("fused", "fused=True", layout=layout)
+        reduced = [shape[a] for a in bn_ops.reduction_axes(rank, self._feature_axes)]
+        if blocker is None and None not in reduced and math.prod(reduced) <= 1:
+            # No statistics to speak of (the batch variance is 0, or there
+            # is no example): the generic path, whose numbers are tested.
+            blocker = "at most one value per channel"
+        if self.fused is None and blocker is None:
+            if gpu:
+                return Plan("fused", "GPU: the fused kernel everywhere it is exact", layout=layout)
+            if rank == 4 and layout == "NCHW":
+                return Plan("fused", "CPU, NCHW: the kernel was faster at every channel count measured", layout=layout)
+            if rank == 4 and shape[3] is not None and shape[3] % FUSED_NHWC_CHANNEL_MULTIPLE == 0:
+                return Plan("fused", f"CPU, NHWC, channels a multiple of {FUSED_NHWC_CHANNEL_MULTIPLE}", layout=layout)
+            if rank != 4 and (None in shape or math.prod(shape) >= FUSED_MIN_ELEMENTS):
+                return Plan("fused", f"CPU, viewed as (-1, 1, 1, C), >= {FUSED_MIN_ELEMENTS} elements", layout=layout)
+        simple = not (masked or self.renorm or self.virtual_batch_size is not None or cross_replica)
+        if widen > 1 and simple:
+            return Plan("widened", f"{shape[-1]} channels on the last axis: a view {widen} times wider", widen=widen)
+        if blocker is None:
+            blocker = "fused=False" if self.fused is False else "the fused kernel measured slower on CPU here"
+        return Plan("generic", blocker)
 
     def _cross_replica(self) -> bool:
         """Whether this call computes synchronized statistics across several replicas."""
-        if not (self.synchronized and _is_tensorflow()):
+        if not (self.synchronized and is_tensorflow()):
             return False
         from kerasbn.distributed import replica_context
 
         return replica_context() is not None
 
-    def _widen_factor(self, shape) -> int:
-        """k > 1 where the last-axis-only normalization runs on a widened view (TensorFlow)."""
-        if not _is_tensorflow() or self._feature_axes != (len(shape) - 1,) or self.fused:
+    def _widen(self, shape) -> int:
+        """k > 1 where a last-axis-only normalization can run on a (rows / k, k * C) view (TensorFlow)."""
+        if not is_tensorflow() or self._feature_axes != (len(shape) - 1,):
             return 1
         inner = shape[1:-1]
         if None in inner:
@@ -695,6 +799,14 @@ class BatchNorm(keras.layers.Layer):
         return {**super().get_config(), **config}
 
 
+def _has_examples(inputs):
+    """Whether the batch holds any example: a Python bool where the size is static, else a boolean tensor."""
+    batch = inputs.shape[0]
+    if batch is not None:
+        return batch > 0
+    return ops.shape(inputs)[0] > 0
+
+
 def _validate_axis(axis):
     values = list(axis) if isinstance(axis, (list, tuple)) else [axis]
     if not values or any(isinstance(a, bool) or not isinstance(a, int) for a in values):
@@ -718,20 +830,22 @@ def _validate_renorm_clipping(clipping):
             f"`renorm_clipping` must be a dict with keys among {list(_RENORM_CLIPPING_KEYS)}. "
             f"Received: renorm_clipping={clipping!r}"
         )
+    # The messages begin as keras.layers.BatchNormalization's do (code that
+    # matches them keeps working) and end with the values received.
     unknown = sorted(set(clipping) - set(_RENORM_CLIPPING_KEYS))
     if unknown:
         raise ValueError(
-            f"`renorm_clipping` has unknown keys {unknown}; allowed: {list(_RENORM_CLIPPING_KEYS)}. "
-            f"Received: renorm_clipping={clipping!r}"
+            f"Received invalid keys for `renorm_clipping` argument: {clipping}. "
+            f"Supported values: {list(_RENORM_CLIPPING_KEYS)}. Unknown keys: {unknown}"
         )
     rmax, rmin, dmax = (clipping.get(k) for k in _RENORM_CLIPPING_KEYS)
     if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(
-            "`renorm_clipping` must have rmax >= rmin. "
-            f"Received: renorm_clipping={clipping!r} (rmax={rmax}, rmin={rmin})"
+            "rmax should be greater than rmin in the `renorm_clipping` argument. "
+            f"Received: rmax={rmax}, rmin={rmin}."
         )
     if dmax is not None and dmax < 0:
         raise ValueError(
-            f"`renorm_clipping` must have dmax >= 0. Received: renorm_clipping={clipping!r} (dmax={dmax})"
+            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
         )
     return dict(clipping)

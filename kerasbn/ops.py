@@ -24,17 +24,21 @@ import keras
 import numpy as np
 from keras import ops
 
-HALF_DTYPES = ("float16", "bfloat16")
-
 
 def statistics_dtype(dtype) -> str:
-    """The dtype statistics are computed in: float32 for 16-bit floats.
+    """The dtype statistics are computed in: the result type of `dtype` and float32.
 
-    Sums of squares over a large batch overflow float16 (max 65504) and lose
-    most of their digits in bfloat16, so half-precision inputs are upcast.
+    float32 for 16-bit floats: sums of squares over a large batch overflow
+    float16 (max 65504) and lose most of their digits in bfloat16. float32
+    for integer inputs, as keras.layers.BatchNormalization does; float64 stays.
     """
     dtype = keras.backend.standardize_dtype(dtype)
-    return "float32" if dtype in HALF_DTYPES else dtype
+    if dtype in ("float32", "float64"):
+        return dtype
+    # What keras.backend.result_type(dtype, "float32") gives for 16-bit
+    # floats, integers and bool, spelled out so that it is the same on every
+    # backend (JAX without x64 would also turn float64 into float32).
+    return "float32"
 
 
 def moments(
@@ -48,9 +52,10 @@ def moments(
     Args:
         x: Input tensor.
         axes: The axes to reduce (the batch axis and every non-feature axis).
-        mask: Optional tensor of weights (bool or 0/1) of rank `rank(x) - 1`,
-            as Keras passes masks: one weight per position, shared by all
-            features at that position. Masked-out positions do not count.
+        mask: Optional boolean (or 0/1) tensor of rank `rank(x) - 1`, as
+            Keras passes masks: one entry per position, shared by all
+            features at that position. Masked-out positions do not count,
+            whatever they hold (inf and NaN included).
         keepdims: Keep the reduced axes with length 1.
 
     Returns:
@@ -67,13 +72,13 @@ def moments(
         # The stop_gradient above is exact: d/dmean of sum((x - mean)^2) is
         # zero at the mean, so it only saves the backward pass some work.
     else:
-        weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
-        weights = ops.broadcast_to(weights, ops.shape(x))
-        count = ops.sum(weights, axis=axes, keepdims=True)
+        keep = ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), axis=-1), ops.shape(x))
+        count = ops.sum(ops.cast(keep, x.dtype), axis=axes, keepdims=True)
         # An all-masked batch gives mean 0 and variance 0 rather than NaN.
         count = ops.maximum(count, ops.cast(1.0, x.dtype))
-        mean = ops.sum(weights * x, axis=axes, keepdims=True) / count
-        variance = ops.sum(weights * ops.square(x - mean), axis=axes, keepdims=True) / count
+        # Select, not multiply: padding may hold inf or NaN, and 0 * inf is NaN.
+        mean = ops.sum(ops.where(keep, x, 0.0), axis=axes, keepdims=True) / count
+        variance = ops.sum(ops.where(keep, ops.square(x - mean), 0.0), axis=axes, keepdims=True) / count
     if not keepdims:
         mean = ops.squeeze(mean, axis=axes)
         variance = ops.squeeze(variance, axis=axes)

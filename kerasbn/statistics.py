@@ -42,6 +42,12 @@ def recompute_statistics(
     layers are updated in the same forward pass of each batch, so a layer
     sees the outputs of the already-final layers before it.
 
+    A layer with `renorm=True` runs these batches as plain batch norm, so
+    its moving variance too is the average of the batch variances; its
+    `moving_stddev` is then set to `sqrt(moving_variance + epsilon)` (renorm
+    keeps the two in step), and `renorm_mean` and `renorm_stddev` keep their
+    values.
+
     The batches run in cross-replica context: a model built under a
     `tf.distribute` strategy works, each batch whole on one device.
 
@@ -74,6 +80,7 @@ def recompute_statistics(
     # A copy, not convert_to_tensor: on the TensorFlow backend that returns
     # the variable itself, which the forward passes would then overwrite.
     others_before = [ops.convert_to_numpy(v) for v in others]
+    saved_renorm = [layer.renorm for layer in layers]
 
     def forward(x, momentum):
         for layer in layers:
@@ -92,6 +99,8 @@ def recompute_statistics(
 
     used = 0
     try:
+        for layer in layers:
+            layer.renorm = False  # read while tracing: the plain batch-norm update
         for batch in dataset:
             if num_batches is not None and used >= num_batches:
                 break
@@ -100,10 +109,15 @@ def recompute_statistics(
             # Batch k enters with weight 1/k: a running mean of the statistics.
             forward(x, ops.convert_to_tensor((used - 1) / used, "float32"))
     finally:
-        for layer, value in zip(layers, saved_momentum):
+        for layer, value, renorm in zip(layers, saved_momentum, saved_renorm):
             layer.momentum = value
+            layer.renorm = renorm
         for variable, value in zip(others, others_before):
             variable.assign(value)
+    for layer in layers:
+        if layer.renorm and used:
+            variance = ops.cast(layer.moving_variance, "float32")
+            layer.moving_stddev.assign(ops.sqrt(variance + layer.epsilon))
     if used == 0:
         raise ValueError("`dataset` yielded no batch: nothing to recompute the statistics from.")
     return used

@@ -49,6 +49,16 @@ SPLITS = {
 }
 
 
+# Edge cases of small, uneven global batches: a replica with one example
+# (one value per channel for 2-D inputs) and a replica with none.
+EDGE_SPLITS = {
+    2: [[1, 0], [2, 1]],
+    3: [[1, 1, 0], [2, 1, 0]],
+}
+# 2-D inputs (the generic path), and NHWC with 4 channels (the fused kernel, fused=None).
+EDGE_FEATURE_SHAPES = {"flat": (CHANNELS,), "nhwc": (2, 2, 4)}
+
+
 def make_steps(splits, seed):
     """Per step, a list of per-replica slices `(n_r, *FEATURE_SHAPE)` and the upstream weights.
 
@@ -274,6 +284,81 @@ def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True
     return model
 
 
+def run_edges(strategy, seed, results):
+    """Training-mode forward steps on EDGE_SPLITS (slices of one example and of none).
+
+    For each feature shape in EDGE_FEATURE_SHAPES and synchronized False and
+    True, records the inputs, each replica's outputs and every replica copy
+    of the moving statistics, and for synchronized=False the outputs of the
+    stock layer fed the same slices. Also records the error of `fused=True`
+    with cross-replica statistics.
+    """
+    import keras
+    import tensorflow as tf
+
+    import kerasbn
+
+    rng = np.random.default_rng(seed)
+    splits = EDGE_SPLITS[strategy.num_replicas_in_sync]
+    for kind, feature_shape in EDGE_FEATURE_SHAPES.items():
+        channels = feature_shape[-1]
+        weights = [
+            (1.0 + 0.5 * rng.uniform(size=channels)).astype("float32"),
+            rng.normal(size=channels).astype("float32"),
+            rng.normal(size=channels).astype("float32"),
+            (0.5 + rng.uniform(size=channels)).astype("float32"),
+        ]
+        for synchronized in (False, True):
+            prefix = f"edges.{kind}.sync{int(synchronized)}"
+            results[f"{prefix}.initial"] = np.stack(weights)
+            with strategy.scope():
+                layer = kerasbn.BatchNorm(synchronized=synchronized, momentum=MOMENTUM, epsilon=EPSILON)
+                layer.build((None,) + feature_shape)
+                layer.set_weights(weights)
+                stock = None
+                if not synchronized:
+                    stock = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON)
+                    stock.build((None,) + feature_shape)
+                    stock.set_weights(weights)
+
+            @tf.function
+            def distributed_step(x, layer=layer, stock=stock):
+                def replica_fn(x):
+                    context = tf.distribute.get_replica_context()
+                    outputs = layer(x, training=True)
+                    stock_outputs = outputs if stock is None else stock(x, training=True)
+                    return context.replica_id_in_sync_group, outputs, stock_outputs
+
+                return strategy.run(replica_fn, args=(x,))
+
+            for step, sizes in enumerate(splits):
+                key = f"{prefix}.s{step}"
+                slices = [
+                    (rng.normal(size=(n,) + feature_shape) * 2.0 + step + 1.0).astype("float32") for n in sizes
+                ]
+                replica_ids, outputs, stock_outputs = (
+                    per_replica(strategy, v) for v in distributed_step(distribute(strategy, slices))
+                )
+                for index, replica in enumerate(replica_ids):
+                    replica = int(replica)
+                    results[f"{key}.r{replica}.inputs"] = slices[replica]
+                    results[f"{key}.r{replica}.outputs"] = outputs[index]
+                    if stock is not None:
+                        results[f"{key}.r{replica}.stock_outputs"] = stock_outputs[index]
+                for name in ("moving_mean", "moving_variance"):
+                    for copy, value in enumerate(variable_replicas(getattr(layer, name))):
+                        results[f"{key}.copy{copy}.{name}"] = value
+
+    with strategy.scope():
+        fused = kerasbn.BatchNorm(fused=True, synchronized=True)
+        fused.build((None, 2, 2, 4))
+    try:
+        strategy.run(tf.function(lambda x: fused(x, training=True)), args=(tf.ones((2, 2, 2, 4)),))
+        results["edges.fused_true_error"] = np.asarray("")
+    except ValueError as error:
+        results["edges.fused_true_error"] = np.asarray(str(error))
+
+
 def record_saved_model(model, path, results, prefix):
     """What `get_weights()` and a saved-and-reloaded `.keras` file hold."""
     import keras
@@ -361,6 +446,7 @@ def mirrored(args):
     unsync_model = run_unsynchronized(strategy, args.seed, results)
     record_saved_model(sync_model, os.path.join(args.workdir, "sync.keras"), results, "saved.sync")
     record_saved_model(unsync_model, os.path.join(args.workdir, "unsync.keras"), results, "saved.unsync")
+    run_edges(strategy, args.seed, results)
     if not args.skip_fit:
         run_fit_and_recompute(strategy, args.seed, results)
     return results

@@ -3,7 +3,8 @@
 Multi-replica runs need the CPU split into logical devices before TensorFlow
 initialises, so every scenario runs in a fresh process (`tests/_dist_worker.py`):
 one `MirroredStrategy` process per replica count (2 and 3) covers the custom
-training loops, saving, `model.fit` and `recompute_statistics`; a two-process
+training loops, saving, `model.fit`, `recompute_statistics` and global batches
+small enough that a replica holds one example or none; a two-process
 `MultiWorkerMirroredStrategy` cluster on 127.0.0.1 covers multi-worker runs.
 The worker saves arrays to an `.npz` file; the assertions live here, against
 a single-device layer run in the worker and float64 NumPy closed forms
@@ -345,6 +346,64 @@ def test_recompute_statistics_on_mirrored_model(mirrored, synchronized):
             np.testing.assert_allclose(copies[copy], value, **CLOSED_FORM_TOL, err_msg=f"{name} of replica {copy}")
         # recompute_statistics really replaced what fit left behind.
         assert np.max(np.abs(value - results[f"fit.sync{int(synchronized)}.copies.{name}"][0])) > 1e-2
+
+
+@pytest.mark.parametrize("kind", sorted(worker.EDGE_FEATURE_SHAPES))
+@pytest.mark.parametrize("synchronized", [False, True], ids=["unsync", "sync"])
+def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
+    """Uneven small global batches: a replica with one example trains on, one with none adds no NaN.
+
+    synchronized=False: each replica's update is its local one, or the unchanged
+    value for an empty slice, and the variables hold the mean of those.
+    synchronized=True: the statistics of the global batch, as on one device.
+    """
+    replicas, results = mirrored
+    prefix = f"edges.{kind}.sync{int(synchronized)}"
+    gamma, beta, moving_mean, moving_variance = results[f"{prefix}.initial"].astype(np.float64)
+    for step, sizes in enumerate(worker.EDGE_SPLITS[replicas]):
+        key = f"{prefix}.s{step}"
+        where = f"{prefix}, {replicas} replicas, step {step}, slices {sizes}"
+        slices = [results[f"{key}.r{r}.inputs"] for r in range(replicas)]
+        assert [len(s) for s in slices] == sizes, where
+        if synchronized:
+            global_x = np.concatenate(slices)
+            mean, variance = np_moments(global_x)
+            for r, x in enumerate(slices):
+                expected = gamma * (x - mean) / np.sqrt(variance + EPSILON) + beta
+                np.testing.assert_allclose(results[f"{key}.r{r}.outputs"], expected, **CLOSED_FORM_TOL, err_msg=where)
+            moving_mean = MOMENTUM * moving_mean + (1 - MOMENTUM) * mean
+            moving_variance = MOMENTUM * moving_variance + (1 - MOMENTUM) * variance
+        else:
+            updates = []
+            for r, x in enumerate(slices):
+                if not len(x):
+                    updates.append((moving_mean, moving_variance))  # an empty slice leaves them as they were
+                    continue
+                outputs = results[f"{key}.r{r}.outputs"]
+                np_outputs = np_train_forward_backward(x, np.zeros_like(x), gamma, beta)[0]
+                np.testing.assert_allclose(outputs, np_outputs, **CLOSED_FORM_TOL, err_msg=f"{where}: replica {r}")
+                np.testing.assert_allclose(
+                    outputs, results[f"{key}.r{r}.stock_outputs"], **CLOSED_FORM_TOL,
+                    err_msg=f"{where}: replica {r} vs keras.layers.BatchNormalization",
+                )
+                mean, variance = np_moments(x)
+                updates.append(
+                    (MOMENTUM * moving_mean + (1 - MOMENTUM) * mean, MOMENTUM * moving_variance + (1 - MOMENTUM) * variance)
+                )
+            moving_mean = np.mean([u[0] for u in updates], axis=0)
+            moving_variance = np.mean([u[1] for u in updates], axis=0)
+        for name in ("moving_mean", "moving_variance"):
+            for copy in _copies(results, key, name, replicas):
+                assert np.all(np.isfinite(copy)), f"{where}: {name} {copy}"
+        _assert_copies_agree(results, key, replicas, moving_mean, moving_variance, CLOSED_FORM_TOL, where)
+
+
+def test_fused_true_raises_for_cross_replica_statistics(mirrored):
+    _, results = mirrored
+    assert (
+        "`fused=True` cannot take the fused kernel here: synchronized statistics across replicas need the generic "
+        "path's all-reduce. Use fused=None to let the layer choose. Received: fused=True, inputs.shape=(2, 2, 2, 4)"
+    ) in str(results["edges.fused_true_error"])
 
 
 # ----------------------------------------------------- MultiWorkerMirroredStrategy

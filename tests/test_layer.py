@@ -30,6 +30,7 @@ import kerasbn
 from kerasbn import BatchNorm
 
 STATS = ("moving_mean", "moving_variance")
+TF_INSTALL = "(`pip install 'kerasbn[tensorflow]'`, KERAS_BACKEND=tensorflow). "
 RENORM_STATS = STATS + ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 # (shape, axis): ranks 2 to 5, channels on the last axis and on axis 1.
@@ -561,6 +562,16 @@ def _traced_op_types(layer, x, mask=None):
 FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 
 
+def _fused_true_can(shape, kwargs, dtype, masked) -> bool:
+    """Whether a layer with fused=True takes these inputs (it raises where it cannot)."""
+    try:
+        layer = build(BatchNorm(dtype=dtype, **{**kwargs, "fused": True}), shape)
+        layer._plan(shape, dtype, training=True, masked=masked, gpu=True)
+    except ValueError:
+        return False
+    return True
+
+
 @tf_only
 @pytest.mark.parametrize(
     "shape, kwargs, dtype, masked, fused_expected",
@@ -599,10 +610,18 @@ FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 )
 def test_fused_is_used_exactly_where_exact(rng, shape, kwargs, dtype, masked, fused_expected):
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
+    # The CPU rule, pinned (gpu=False), so the expectation holds on a machine with a GPU too.
+    plan = layer._plan(shape, dtype, training=True, masked=masked, gpu=False)
+    assert (plan.path == "fused") == fused_expected, plan
+    # On a GPU the rule takes the fused kernel wherever fused=True could.
+    on_gpu = layer._plan(shape, dtype, training=True, masked=masked, gpu=True)
+    assert (on_gpu.path == "fused") == (kwargs.get("fused") is not False and _fused_true_can(shape, kwargs, dtype, masked))
+    # The traced graph runs the plan this machine gets.
     x = rng.normal(size=shape).astype(dtype)
     mask = _mask(rng, shape) if masked else None
     ops_seen = _traced_op_types(layer, x, mask)
-    assert bool(ops_seen & FUSED_OPS) == fused_expected, sorted(t for t in ops_seen if "Batch" in t or "Mean" in t)
+    here = layer._plan(shape, dtype, training=True, masked=masked)
+    assert bool(ops_seen & FUSED_OPS) == (here.path == "fused"), sorted(t for t in ops_seen if "Batch" in t or "Mean" in t)
 
 
 @tf_only
@@ -753,7 +772,10 @@ def test_inference_function_needs_a_built_layer():
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
 def test_inference_function_needs_tensorflow():
     layer = build(BatchNorm(), (None, 3))
-    with pytest.raises(RuntimeError, match=re.escape(f"`inference_function` needs the TensorFlow backend. Received backend {BACKEND!r}")):
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(f"`inference_function` needs the TensorFlow backend {TF_INSTALL}Received: backend {BACKEND!r}"),
+    ):
         layer.inference_function
 
 
@@ -889,9 +911,9 @@ def test_keras_file_round_trip_after_fit(rng, tmp_path, input_shape, kwargs):
 # --------------------------------------------------- recompute_statistics
 
 
-def _recompute_model(rng):
-    bn1 = BatchNorm(momentum=0.95, name="bn1")
-    bn2 = BatchNorm(momentum=0.9, epsilon=1e-2, name="bn2")
+def _recompute_model(rng, renorm=False):
+    bn1 = BatchNorm(momentum=0.95, name="bn1", renorm=renorm)
+    bn2 = BatchNorm(momentum=0.9, epsilon=1e-2, name="bn2", renorm=renorm)
     stock = keras.layers.BatchNormalization(momentum=0.5, name="stock_bn")
     dense1, dense2 = keras.layers.Dense(5, name="dense1"), keras.layers.Dense(3, name="dense2")
     model = keras.Sequential([keras.Input((4,)), dense1, bn1, dense2, bn2, stock], name="recompute")
@@ -961,6 +983,28 @@ def test_recompute_statistics_uses_the_whole_dataset_by_default(rng):
     np.testing.assert_allclose(value(model.get_layer("bn2"), "moving_variance"), expected["bn2"][1], atol=1e-5)
 
 
+def test_recompute_statistics_on_renorm_layers(rng):
+    """As the docstring says: population moving statistics, moving_stddev in step, renorm statistics untouched."""
+    model = _recompute_model(rng, renorm=True)
+    for step in range(2):  # training steps first, so the renorm statistics hold values of their own
+        model(sample(rng, (6, 4), loc=2.0 + step, scale=3.0), training=True)
+    layers = [model.get_layer(name) for name in ("bn1", "bn2")]
+    renorm_before = {(layer.name, name): value(layer, name) for layer in layers for name in ("renorm_mean", "renorm_stddev")}
+    batches = [sample(rng, (6, 4), loc=float(i), scale=1.0 + i) for i in range(3)]
+    assert kerasbn.recompute_statistics(model, batches) == 3
+    expected = _reference_population_statistics(model, batches)
+    for layer in layers:
+        assert layer.renorm is True
+        mean, variance = expected[layer.name]
+        np.testing.assert_allclose(value(layer, "moving_mean"), mean, atol=1e-5, err_msg=layer.name)
+        np.testing.assert_allclose(value(layer, "moving_variance"), variance, atol=1e-5, err_msg=layer.name)
+        np.testing.assert_allclose(value(layer, "moving_stddev"), np.sqrt(variance + layer.epsilon), atol=1e-5)
+        for name in ("renorm_mean", "renorm_stddev"):
+            np.testing.assert_array_equal(value(layer, name), renorm_before[(layer.name, name)], err_msg=name)
+    # The moving statistics really moved (the test could fail).
+    assert not np.allclose(value(layers[0], "renorm_mean"), value(layers[0], "moving_mean"), atol=1e-2)
+
+
 @pytest.mark.parametrize("num_batches", [0, -2, True])
 def test_recompute_statistics_rejects_bad_num_batches(rng, num_batches):
     model = _recompute_model(rng)
@@ -992,6 +1036,114 @@ def test_recompute_statistics_needs_a_batch(rng):
         np.testing.assert_array_equal(to_numpy(variable), old)
 
 
+# ------------------------------- drop-in at the edges: side by side with the stock layer
+
+
+def _side_by_side(rng, shape, axis=-1, momentum=0.8):
+    """A kerasbn layer and a stock keras.layers.BatchNormalization, built, with the same weights."""
+    ours = build(BatchNorm(axis=axis, momentum=momentum), shape)
+    stock = build(keras.layers.BatchNormalization(axis=axis, momentum=momentum), shape)
+    randomize_weights(rng, ours, stock)
+    return ours, stock
+
+
+@pytest.mark.parametrize("padding", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("shape, axis", MASK_CASES)
+def test_non_finite_values_at_masked_positions_are_ignored_like_keras(rng, shape, axis, padding):
+    ours, stock = _side_by_side(rng, shape, axis)
+    for step in range(2):
+        x = sample(rng, shape, loc=step)
+        mask = _mask(rng, shape)
+        x[~mask] = padding
+        got, want = (to_numpy(layer(x, training=True, mask=mask)) for layer in (ours, stock))
+        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    for name in STATS:
+        assert np.all(np.isfinite(value(ours, name))), name
+    assert_stats_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 3, 4), (4, 6, 6, 6), (4, 3, 5)])
+def test_integer_inputs_compute_in_float32_like_keras(rng, shape):
+    ours, stock = _side_by_side(rng, shape)
+    x = rng.integers(-5, 20, size=shape).astype("int32")
+    for training in (True, False):
+        got, want = (layer(x, training=training) for layer in (ours, stock))
+        assert keras.backend.standardize_dtype(got.dtype) == keras.backend.standardize_dtype(want.dtype) == "float32"
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-5, err_msg=f"training={training}")
+    assert_stats_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_with_a_last_batch_of_one_example_trains_like_keras(rng):
+    """17 examples, batch 16: the last batch holds one example (JAX traces that concrete shape)."""
+    x = sample(rng, (17, 5), loc=1.0, scale=2.0)
+    y = rng.normal(size=(17, 1)).astype("float32")
+    results = {}
+    for name, norm in (("kerasbn", BatchNorm), ("keras", keras.layers.BatchNormalization)):
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), norm(momentum=0.5), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results[name] = (history.history["loss"], [to_numpy(w) for w in model.layers[1].weights])
+    losses, weights = results["kerasbn"]
+    assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
+    np.testing.assert_allclose(losses, results["keras"][0], rtol=1e-4)
+    for got, want in zip(weights, results["keras"][1]):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 2, 4), (0, 4, 4, 6)])
+def test_empty_batch_leaves_moving_statistics_unchanged(rng, shape):
+    """The stock layer turns them into NaN (the mean of nothing); kerasbn keeps them."""
+    layer = build(BatchNorm(momentum=0.5), (None,) + shape[1:])
+    weights = randomize_weights(rng, layer)
+    outputs = layer(np.zeros(shape, "float32"), training=True)
+    assert tuple(outputs.shape) == shape
+    for name in STATS:
+        np.testing.assert_allclose(value(layer, name), weights[name], rtol=1e-6, err_msg=name)
+
+
+@tf_only
+@pytest.mark.parametrize("shape", [(3,), (2, 2, 4), (4, 4, 6)])
+def test_empty_batch_of_unknown_size_leaves_moving_statistics_unchanged(rng, shape):
+    """With the batch size unknown while tracing, the choice happens in the graph (a select)."""
+    import tensorflow as tf
+
+    layer = build(BatchNorm(momentum=0.5), (None,) + shape)
+    weights = randomize_weights(rng, layer)
+    step = tf.function(lambda t: layer(t, training=True), input_signature=[tf.TensorSpec((None,) + shape)])
+    step(tf.zeros((0,) + shape))
+    for name in STATS:
+        np.testing.assert_allclose(value(layer, name), weights[name], rtol=1e-6, err_msg=name)
+    x = sample(rng, (4,) + shape)
+    step(tf.constant(x))
+    _, mean, variance = np_batch_norm_train(x, weights["gamma"], weights["beta"], 1e-3, -1)
+    np.testing.assert_allclose(value(layer, "moving_mean"), 0.5 * weights["moving_mean"] + 0.5 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value(layer, "moving_variance"), 0.5 * weights["moving_variance"] + 0.5 * variance, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batches_are_contiguous_and_equal_tf_keras_strided_ones_after_a_permutation(rng):
+    """kerasbn: examples 0..v-1, v..2v-1, ...; tf-keras: k, k + B/v, k + 2B/v, ... (B/v groups of v)."""
+    batch, size, shape = 12, 3, (12, 2, 4)
+    groups = batch // size
+    layer = build(BatchNorm(virtual_batch_size=size, momentum=0.0, center=False, scale=False), shape)
+    x = sample(rng, shape)
+    x[::groups] = 4.0 * x[::groups] + 3.0  # strided group 0 differs from the rest
+
+    def strided_reference(x):  # tf-keras: reshape to (v, B/v, ...), statistics over axis 0 and the rest
+        view = x.astype(np.float64).reshape((size, groups) + shape[1:])
+        mean = view.mean(axis=(0, 2), keepdims=True)
+        variance = view.var(axis=(0, 2), keepdims=True)
+        return ((view - mean) / np.sqrt(variance + 1e-3)).reshape(shape), mean.mean(axis=1).ravel()
+
+    expected, expected_mean = strided_reference(x)
+    assert not np.allclose(to_numpy(layer(x, training=True)), expected, atol=1e-2)  # without the permutation
+    order = np.array([k + j * groups for k in range(groups) for j in range(size)])  # strided groups, made contiguous
+    outputs = to_numpy(layer(x[order], training=True))
+    np.testing.assert_allclose(outputs[np.argsort(order)], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value(layer, "moving_mean"), expected_mean, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -1006,17 +1158,20 @@ def test_recompute_statistics_needs_a_batch(rng):
         ({"epsilon": -0.001}, "`epsilon` must be a positive float. Received: epsilon=-0.001"),
         (
             {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmidn": 0.5}},
-            "`renorm_clipping` has unknown keys ['rmidn']; allowed: ['rmax', 'rmin', 'dmax']. "
-            "Received: renorm_clipping={'rmax': 2.0, 'rmidn': 0.5}",
+            "Received invalid keys for `renorm_clipping` argument: {'rmax': 2.0, 'rmidn': 0.5}. "
+            "Supported values: ['rmax', 'rmin', 'dmax']. Unknown keys: ['rmidn']",
         ),
         (
             {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}},
-            "`renorm_clipping` must have rmax >= rmin. Received: renorm_clipping={'rmax': 0.5, 'rmin': 2.0} "
-            "(rmax=0.5, rmin=2.0)",
+            "rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax=0.5, rmin=2.0.",
         ),
         (
             {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
-            "`renorm_clipping` must have dmax >= 0. Received: renorm_clipping={'dmax': -1.0} (dmax=-1.0)",
+            "dmax should be non-negative in the `renorm_clipping` argument. Received: dmax=-1.0.",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": [1.0]},
+            "`renorm_clipping` must be a dict with keys among ['rmax', 'rmin', 'dmax']. Received: renorm_clipping=[1.0]",
         ),
         ({"axis": [1, 1]}, "`axis` must not repeat an axis. Received: axis=[1, 1]"),
         ({"axis": []}, "`axis` must be an int or a non-empty list of ints. Received: axis=[]"),
@@ -1035,13 +1190,9 @@ def test_constructor_errors_name_argument_and_value(kwargs, message):
     "kwargs, shape, message",
     [
         ({}, (4,), "`inputs` must have rank >= 2 (a batch axis and a feature axis). Received: inputs.shape=(4,)"),
-        ({"axis": 2}, (2, 3), "`axis` is out of range for inputs of rank 2. Received: axis=2, inputs.shape=(2, 3)"),
-        ({"axis": -3}, (2, 3), "`axis` is out of range for inputs of rank 2. Received: axis=-3, inputs.shape=(2, 3)"),
-        (
-            {"axis": [1, 4]},
-            (2, 3, 4, 5),
-            "`axis` is out of range for inputs of rank 4. Received: axis=[1, 4], inputs.shape=(2, 3, 4, 5)",
-        ),
+        ({"axis": 2}, (2, 3), "Axis 2 is out of bounds for input shape (2, 3). Received: axis=2"),
+        ({"axis": -3}, (2, 3), "Axis -3 is out of bounds for input shape (2, 3). Received: axis=-3"),
+        ({"axis": [1, 4]}, (2, 3, 4, 5), "Axis 4 is out of bounds for input shape (2, 3, 4, 5). Received: axis=[1, 4]"),
         ({"axis": [1, -2]}, (2, 3, 4), "`axis` names the same input axis twice. Received: axis=[1, -2] for inputs of rank 3"),
         (
             {"axis": 0},
@@ -1066,6 +1217,46 @@ def test_constructor_errors_name_argument_and_value(kwargs, message):
 def test_build_errors_name_argument_and_value(kwargs, shape, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         BatchNorm(**kwargs).build(shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmidn": 0.5}},
+        {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}},
+        {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
+    ],
+)
+def test_constructor_errors_begin_with_the_stock_layers_wording(kwargs):
+    """Code matching keras.layers.BatchNormalization's messages keeps working; the values come after."""
+    with pytest.raises(ValueError) as stock:
+        keras.layers.BatchNormalization(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        BatchNorm(**kwargs)
+    # Keras 3.15.1 leaves "{rmax}" unformatted in one message: compare up to the values.
+    stock_words = str(stock.value).split(" Received: ")[0].rstrip(".")
+    assert str(ours.value).startswith(stock_words), (str(ours.value), str(stock.value))
+
+
+def test_renorm_clipping_is_checked_only_with_renorm_like_the_stock_layer():
+    kwargs = {"renorm_clipping": {"rmidn": 0.5}}
+    keras.layers.BatchNormalization(**kwargs)
+    assert BatchNorm(**kwargs).get_config()["renorm_clipping"] == {"rmidn": 0.5}
+
+
+def test_axis_and_mask_errors_read_as_the_stock_layers():
+    with pytest.raises(ValueError) as stock:
+        keras.layers.BatchNormalization(axis=2).compute_output_shape((2, 3))
+    with pytest.raises(ValueError) as ours:
+        BatchNorm(axis=2).build((2, 3))
+    assert str(ours.value) == str(stock.value)
+    x, mask = np.ones((4, 2, 3), "float32"), np.ones((4, 2, 3), bool)
+    with pytest.raises(ValueError) as stock:
+        keras.layers.BatchNormalization()(x, training=True, mask=mask)
+    with pytest.raises(ValueError) as ours:
+        BatchNorm()(x, training=True, mask=mask)
+    assert "The mask provided should be one dimension less than the inputs. Received: mask.shape=(4, 2, 3)" in str(stock.value)
+    assert "The mask provided should be one dimension less than the inputs. Received: mask.shape=(4, 2, 3)" in str(ours.value)
 
 
 def test_error_for_rank_one_call():
@@ -1104,7 +1295,10 @@ def test_error_for_mask_of_wrong_rank():
     layer = build(BatchNorm(), (None, 2, 3))
     with pytest.raises(
         ValueError,
-        match=re.escape("`mask` must have one dimension less than the inputs. Received: mask.shape=(4, 2, 3), inputs.shape=(4, 2, 3)"),
+        match=re.escape(
+            "The mask provided should be one dimension less than the inputs. "
+            "Received: mask.shape=(4, 2, 3), inputs.shape=(4, 2, 3)"
+        ),
     ):
         layer(np.ones((4, 2, 3), "float32"), training=True, mask=np.ones((4, 2, 3), bool))
 
@@ -1129,26 +1323,46 @@ def test_error_for_virtual_batch_size_not_dividing_batch(batch, virtual_batch_si
         ((1, 1, 1, 3), {}, "-1"),
         ((1, 3, 1, 1), {"axis": 1}, "1"),
         ((1, 3, 1, 5), {"axis": [1, 3]}, "[1, 3]"),
-        ((4, 3), {"virtual_batch_size": 1}, "-1"),
     ],
 )
-def test_error_for_single_value_per_channel_in_training(rng, shape, kwargs, axis_text):
-    layer = BatchNorm(**kwargs)
+def test_single_value_per_channel_warns_and_trains_like_keras(rng, shape, kwargs, axis_text):
+    """One value per channel: a warning, and the stock layer's numbers (output beta, batch variance 0)."""
+    ours = build(BatchNorm(momentum=0.5, **kwargs), shape)
+    stock_axis = kwargs.get("axis", -1)
     x = rng.normal(size=shape).astype("float32")
+    weights = randomize_weights(rng, ours)
+    with pytest.warns(
+        UserWarning,
+        match=re.escape(
+            "Training-mode batch normalization received one value per channel: the batch variance is 0 and "
+            f"the output is beta, as with keras.layers.BatchNormalization. Received: inputs.shape={shape} "
+            f"with axis={axis_text}"
+        ),
+    ):
+        outputs = to_numpy(ours(x, training=True))
+    beta = weights["beta"].reshape([shape[a] if a in ours._feature_axes else 1 for a in range(len(shape))])
+    np.testing.assert_allclose(outputs, np.broadcast_to(beta, shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value(ours, "moving_mean"), 0.5 * weights["moving_mean"] + 0.5 * x.reshape(weights["beta"].shape), rtol=1e-6)
+    np.testing.assert_allclose(value(ours, "moving_variance"), 0.5 * weights["moving_variance"], rtol=1e-6)
+    if isinstance(stock_axis, int):
+        stock = build(keras.layers.BatchNormalization(axis=stock_axis, momentum=0.5), shape)
+        randomize_weights(np.random.default_rng(0), stock)
+        for name in ("gamma", "beta") + STATS:
+            getattr(stock, name).assign(value(ours, name) if name in ("gamma", "beta") else weights[name])
+        np.testing.assert_allclose(outputs, to_numpy(stock(x, training=True)), rtol=1e-5, atol=1e-5)
+        assert_stats_close(ours, stock, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 1, 1, 3)])
+def test_error_for_virtual_batch_size_one_with_one_value_per_example(shape):
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "Training-mode batch normalization needs more than one value per channel "
-            f"(the output would be all zeros, i.e. beta). Received: inputs.shape={shape} with axis={axis_text}"
+            "`virtual_batch_size=1` leaves one value per channel in every sub-batch (the output would be all "
+            f"zeros, i.e. beta). Received: virtual_batch_size=1, inputs.shape={shape} with axis=-1"
         ),
     ):
-        layer(x, training=True)
-    # The same batch is fine in inference mode.
-    weights = randomize_weights(rng, layer)
-    expected = np_batch_norm(
-        x, weights["moving_mean"], weights["moving_variance"], weights["gamma"], weights["beta"], 1e-3, kwargs.get("axis", -1)
-    )
-    np.testing.assert_allclose(to_numpy(layer(x, training=False)), expected, atol=1e-5)
+        BatchNorm(virtual_batch_size=1)(np.ones(shape, "float32"), training=True)
 
 
 @pytest.mark.parametrize("shape, axis", [((1, 2, 2, 3), -1), ((1, 3, 2), 1), ((2, 3), -1)])
@@ -1169,30 +1383,30 @@ def test_batch_of_one_with_several_values_per_channel_trains(rng, shape, axis):
         (
             {"axis": 1},
             (2, 3, 4),
-            "inputs.shape=(2, 3, 4), axis=1, renorm=False, virtual_batch_size=None, synchronized=False, epsilon=0.001",
+            "inputs.shape=(2, 3, 4), axis=1, renorm=False, virtual_batch_size=None, epsilon=0.001",
         ),
         (
             {"axis": [1, 3]},
             (2, 3, 3, 4),
-            "inputs.shape=(2, 3, 3, 4), axis=[1, 3], renorm=False, virtual_batch_size=None, synchronized=False, "
+            "inputs.shape=(2, 3, 3, 4), axis=[1, 3], renorm=False, virtual_batch_size=None, "
             "epsilon=0.001",
         ),
         (
             {"epsilon": 1e-5},
             (2, 3, 3, 4),
-            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=False, virtual_batch_size=None, synchronized=False, "
+            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=False, virtual_batch_size=None, "
             "epsilon=1e-05",
         ),
         (
             {"renorm": True},
             (2, 3, 3, 4),
-            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=True, virtual_batch_size=None, synchronized=False, "
+            "inputs.shape=(2, 3, 3, 4), axis=-1, renorm=True, virtual_batch_size=None, "
             "epsilon=0.001",
         ),
         (
             {"virtual_batch_size": 2},
             (4, 3),
-            "inputs.shape=(4, 3), axis=-1, renorm=False, virtual_batch_size=2, synchronized=False, epsilon=0.001",
+            "inputs.shape=(4, 3), axis=-1, renorm=False, virtual_batch_size=2, epsilon=0.001",
         ),
     ],
 )
@@ -1201,12 +1415,44 @@ def test_error_for_impossible_fused_true(kwargs, shape, received):
         BatchNorm(fused=True, **kwargs).build(shape)
 
 
+@tf_only
+@pytest.mark.parametrize(
+    "dtype, masked, blocker",
+    [("float32", True, "a mask"), ("float64", False, "float64 inputs")],
+)
+def test_fused_true_raises_where_the_kernel_cannot_run(rng, dtype, masked, blocker):
+    shape = (4, 3, 3, 4)
+    layer = build(BatchNorm(fused=True, dtype=dtype), shape)
+    x = rng.normal(size=shape).astype(dtype)
+    mask = _mask(rng, shape) if masked else None
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"`fused=True` cannot take the fused kernel here: {blocker}. Use fused=None to let the layer choose. ")
+        + ".*"
+        + re.escape(f"Received: fused=True, inputs.shape={shape}, dtype={dtype}"),
+    ):
+        layer(x, training=True, mask=mask)
+    layer(x, training=False, mask=mask)  # inference needs no batch statistics
+
+
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
 def test_error_for_fused_true_without_tensorflow():
     with pytest.raises(
-        ValueError, match=re.escape(f"`fused=True` needs the TensorFlow backend. Received: fused=True with backend {BACKEND!r}")
+        ValueError,
+        match=re.escape(f"`fused=True` needs the TensorFlow backend {TF_INSTALL}Received: fused=True with backend {BACKEND!r}"),
     ):
         BatchNorm(fused=True)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="checks the error on non-TensorFlow backends")
+def test_cross_replica_moments_needs_tensorflow():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"`cross_replica_moments` (tf.distribute) needs the TensorFlow backend {TF_INSTALL}Received: backend {BACKEND!r}"
+        ),
+    ):
+        kerasbn.cross_replica_moments(np.ones((4, 3), "float32"), axes=[0])
 
 
 def test_axis_attribute_keeps_the_type_it_was_given_like_the_stock_layer():
@@ -1234,8 +1480,13 @@ def test_inference_applies_the_affine_map_with_the_fused_kernel_where_faster(rng
 
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
     randomize_weights(rng, layer)
+    plan = layer._plan(shape, dtype, training=False, gpu=False)  # the CPU rule, pinned
+    assert (plan.path == "fused_affine") == fused_expected, plan
+    # Measured on CPUs only: a GPU never gets the epsilon-0 kernel call.
+    assert layer._plan(shape, dtype, training=False, gpu=True).path != "fused_affine"
     graph = layer.inference_function.get_concrete_function().graph
-    assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == fused_expected
+    here = layer._plan(shape, dtype, training=False)
+    assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == (here.path == "fused_affine")
     x = sample(rng, shape, loc=0.5, scale=2.0).astype(dtype)
     mean, variance, gamma, beta = (value(layer, n) for n in ("moving_mean", "moving_variance", "gamma", "beta"))
     axis = kwargs.get("axis", -1)
@@ -1268,8 +1519,10 @@ def test_few_channels_run_on_a_widened_view_with_the_same_numbers(rng, shape, kw
 
     layer = build(BatchNorm(momentum=0.7, **kwargs), shape)
     randomize_weights(rng, layer)
+    assert (layer._plan(shape, "float32", training=True, gpu=False).path == "widened") == widened
     graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(tf.TensorSpec(shape)).graph
-    assert ("Tile" in {op.type for op in graph.get_operations()}) == widened
+    here = layer._plan(shape, "float32", training=True)
+    assert ("Tile" in {op.type for op in graph.get_operations()}) == (here.path == "widened")
     axis = kwargs.get("axis", -1)
     gamma, beta = value(layer, "gamma"), value(layer, "beta")
     mean0, variance0 = value(layer, "moving_mean"), value(layer, "moving_variance")

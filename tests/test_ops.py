@@ -106,6 +106,8 @@ def test_statistics_dtype():
     assert bn_ops.statistics_dtype("bfloat16") == "float32"
     assert bn_ops.statistics_dtype("float32") == "float32"
     assert bn_ops.statistics_dtype("float64") == "float64"
+    for dtype in ("int32", "int64", "uint8", "bool"):  # as keras.layers.BatchNormalization computes them
+        assert bn_ops.statistics_dtype(dtype) == "float32" == keras.backend.result_type(dtype, "float32")
 
 
 def test_broadcast_and_reduction_axes():

@@ -656,6 +656,16 @@ BAD_FLAGS = [
     (["--limit-train", "0"], ["`--limit-train`", "limit_train=0"]),
     (["--norm", "none", "--sync-bn"], ["`--sync-bn`", "norm='none'"]),
     (["--epochs", "2", "--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    (["--seed", "-1"], ["`--seed`", "[0, 2**32)", "seed=-1"]),
+    (["--seed", str(2**32)], ["`--seed`", f"seed={2**32}"]),
+    (["--seed", "1.5"], ["--seed", "'1.5'"]),
+    (["--data-dir", "/no/such/folder"], ["`--data-dir`", "data_dir='/no/such/folder'"]),
+    (["--run-name", "a/b"], ["`--run-name`", "run_name='a/b'"]),
+    (["--run-name", ""], ["`--run-name`", "run_name=''"]),
+    (["--recompute-stats-batches", "-1"], ["`--recompute-stats-batches`", "recompute_stats_batches=-1"]),
+    (["--quiet=yes"], ["--quiet", "'yes'"]),
+    (["--export=no"], ["--export", "'no'"]),
+    (["--sync-bn=1"], ["--sync-bn", "'1'"]),
 ]
 
 
@@ -671,6 +681,22 @@ def test_bad_flags_give_a_clear_message(tmp_path, flags, names):
     for name in names:
         assert name in message, message
     assert not out.exists()
+
+
+def test_out_naming_a_file_is_refused(tmp_path):
+    out = tmp_path / "a-file"
+    out.write_text("not a folder")
+    result = train(["--out", str(out), "--quiet"], timeout=120)
+    assert result.returncode == 2, _explain(result)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: `--out` must name a folder (new or existing). Received: out={str(out)!r}"
+
+
+def test_every_flag_has_a_bad_value_tested():
+    tested = {flag[2:].split("=")[0] for flags, _ in BAD_FLAGS for flag in flags if flag.startswith("--")}
+    tested.add("out")  # test_out_naming_a_file_is_refused
+    flags = {field.name.replace("_", "-") for field in dataclasses.fields(TrainConfig)}
+    assert flags <= tested, sorted(flags - tested)
 
 
 def test_help_lists_every_flag():

@@ -68,6 +68,22 @@ class TrainConfig:
             raise ConfigError(
                 f"`--recompute-stats-batches` must be >= 0. Received: recompute_stats_batches={self.recompute_stats_batches}"
             )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"`--seed` must be in [0, 2**32). Received: seed={self.seed}")
+        from training.data import TFDS_SOURCE  # NumPy only: no TensorFlow before the flags are checked
+
+        if self.data_dir not in (None, TFDS_SOURCE) and not os.path.isdir(os.path.expanduser(self.data_dir)):
+            raise ConfigError(
+                f"`--data-dir` must be an existing folder (or {TFDS_SOURCE!r}). Received: data_dir={self.data_dir!r}"
+            )
+        if self.out is not None and (not self.out.strip() or os.path.isfile(self.out)):
+            raise ConfigError(f"`--out` must name a folder (new or existing). Received: out={self.out!r}")
+        if self.run_name is not None and (
+            not self.run_name.strip() or self.run_name in (".", "..") or "/" in self.run_name or os.sep in self.run_name
+        ):
+            raise ConfigError(
+                f"`--run-name` must be a folder name (not empty, without '/'). Received: run_name={self.run_name!r}"
+            )
         if self.sync_bn and self.norm == "none":
             raise ConfigError("`--sync-bn` needs a BN layer. Received: sync_bn=True with norm='none'")
         return self

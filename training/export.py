@@ -559,7 +559,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m training.export` / `kerasbn-export`. Returns the exit status."""
+    """`python -m training.export`. Returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         export_run(args.run, args.base_dir, args.model_name, fold_bn=args.fold_bn, tflite=args.tflite)

@@ -837,7 +837,7 @@ def run(tune: TuneConfig, train: TrainConfig) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m training.tune` / `kerasbn-tune`. Returns the exit status."""
+    """`python -m training.tune`. Returns the exit status."""
     try:
         tune, train = parse_args(argv)
         return run(tune, train)

@@ -1,0 +1,163 @@
+"""kerasbn as a library: what `import kerasbn` loads, and the wheel a user installs.
+
+* On the JAX backend `import kerasbn` (and using the layer) never imports
+  TensorFlow, and what needs TensorFlow says so, naming the backend.
+* The wheel and the sdist built from this checkout hold the `kerasbn` package
+  alone and require only keras and numpy; installed into a fresh virtual
+  environment with JAX and pytest beside it (no TensorFlow), the layer and ops
+  tests pass under the JAX backend against the installed package.
+
+The fresh environment installs from pip's configured indexes and cache, as
+`make test` does, so it needs no network beyond what set up `.venv`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+import venv
+import xml.etree.ElementTree as ElementTree
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, run_python
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+# The files the installed-package run takes from tests/: they import kerasbn,
+# keras, NumPy and pytest only (TensorFlow inside tests marked tf_only).
+LIBRARY_TESTS = ("conftest.py", "test_layer.py", "test_ops.py")
+INSTALL_TIMEOUT_S = 900
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs JAX installed (the dev extra)")
+
+
+# ------------------------------------------------------------------ import
+
+
+@needs_jax
+def test_import_on_jax_never_loads_tensorflow():
+    result = run_python(
+        """
+        import sys
+        import numpy as np
+        import kerasbn
+
+        assert "tensorflow" not in sys.modules, "import kerasbn loaded TensorFlow"
+        layer = kerasbn.BatchNorm()
+        x = np.random.default_rng(0).normal(size=(8, 3, 4)).astype("float32")
+        layer(x, training=True)
+        layer(x, training=False)
+        kerasbn.recompute_statistics(layer, [x])
+        for needs_tf in (lambda: kerasbn.BatchNorm(fused=True), lambda: layer.inference_function,
+                         lambda: kerasbn.cross_replica_moments(x, axes=[0, 1])):
+            try:
+                needs_tf()
+            except (ValueError, RuntimeError) as error:
+                assert "needs the TensorFlow backend" in str(error) and "backend 'jax'" in str(error), error
+            else:
+                raise AssertionError("no error")
+        assert "tensorflow" not in sys.modules, "using kerasbn loaded TensorFlow"
+        print("ok", kerasbn.__version__)
+        """,
+        env={"KERAS_BACKEND": "jax"},
+        timeout=300,
+    )
+    assert result.stdout.split()[0] == "ok", result.stdout
+
+
+# ------------------------------------------------------------------- wheel
+
+
+def _copy_checkout(destination: Path) -> Path:
+    """The checkout's files as git would clone them (no .venv, runs, caches or build output)."""
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv", "runs", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", "saved_models"
+    )
+    return Path(shutil.copytree(REPO_ROOT, destination, ignore=ignore))
+
+
+def _run(args, timeout=INSTALL_TIMEOUT_S, **kwargs) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"timed out after {timeout}s: {args}\n{error.stdout}\n{error.stderr}")
+    if result.returncode != 0:
+        pytest.fail(f"exit {result.returncode}: {args}\n--- stdout ---\n{result.stdout[-4000:]}\n"
+                    f"--- stderr ---\n{result.stderr[-4000:]}")
+    return result
+
+
+def _unconditional_requirements(metadata: str) -> list:
+    """The names in Requires-Dist lines without an environment marker (no `extra == ...`)."""
+    names = []
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist:") and ";" not in line:
+            names.append(re.match(r"[A-Za-z0-9_.-]+", line.split(":", 1)[1].strip()).group(0).lower())
+    return sorted(names)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * INSTALL_TIMEOUT_S)
+@needs_jax
+def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_only(tmp_path):
+    source = _copy_checkout(tmp_path / "source")
+    environment = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(environment)
+    python = environment / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND", "VIRTUAL_ENV")}
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    _run([*pip, "build", "jax[cpu]", "pytest"], env=env)
+
+    # The sdist, then the wheel from the sdist (what `python -m build` does).
+    dist = tmp_path / "dist"
+    _run([python, "-m", "build", "--outdir", dist, source], env=env)
+    (sdist,) = dist.glob("kerasbn-*.tar.gz")
+    (wheel,) = dist.glob("kerasbn-*.whl")
+    assert wheel.name.startswith(f"kerasbn-{VERSION}-"), wheel.name
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(f"kerasbn-{VERSION}.dist-info/METADATA").decode()
+        entry_points = [n for n in names if n.endswith("entry_points.txt")]
+    assert {name.split("/")[0] for name in names} == {"kerasbn", f"kerasbn-{VERSION}.dist-info"}, sorted(names)
+    assert _unconditional_requirements(metadata) == ["keras", "numpy"], metadata
+    assert entry_points == [], "the wheel installs console scripts"
+    assert {"tensorflow", "train", "dev"} <= set(re.findall(r"^Provides-Extra: (\S+)$", metadata, re.M))
+    with tarfile.open(sdist) as archive:
+        members = [m.split("/", 1)[1] for m in archive.getnames() if "/" in m]
+    assert {m.split("/")[0] for m in members if "/" in m} == {"kerasbn", "kerasbn.egg-info"}, sorted(members)
+    assert [m for m in members if m.endswith(".py") and not m.startswith("kerasbn/")] == [], sorted(members)
+
+    _run([*pip, wheel], env=env)
+    installed = _run(
+        [python, "-c", "import importlib.util as u, kerasbn; print(kerasbn.__version__, kerasbn.__file__, "
+         "u.find_spec('tensorflow') is None)"],
+        env={**env, "KERAS_BACKEND": "jax"}, cwd=tmp_path,
+    ).stdout.split()
+    assert installed[0] == VERSION and str(environment) in installed[1] and installed[2] == "True", installed
+
+    # The library's own tests against the installed package: copied out of
+    # the checkout, so nothing but site-packages can provide kerasbn.
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    for name in LIBRARY_TESTS:
+        shutil.copy(REPO_ROOT / "tests" / name, tests / name)
+    report = tmp_path / "report.xml"
+    run = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", f"--junitxml={report}",
+         "--rootdir", tests, *(tests / name for name in LIBRARY_TESTS[1:])],
+        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, cwd=tests, env={**env, "KERAS_BACKEND": "jax"},
+    )
+    assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    suite = ElementTree.parse(report).getroot().find("testsuite")
+    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    assert counts["failures"] == counts["errors"] == 0, counts
+    assert counts["tests"] - counts["skipped"] > 100, counts  # the layer and ops tests really ran
+    assert "kerasbn" not in {p.name for p in tmp_path.iterdir()}  # no source copy beside the tests
