@@ -524,9 +524,10 @@ class BatchNorm(keras.layers.Layer):
         `fresh` is False, or a boolean tensor, for a batch without examples (a
         replica's empty slice of a global batch smaller than the replica
         count). Its statistics are NaN, so each variable is assigned its own
-        value instead, selected rather than multiplied away. It is assigned
-        all the same: under a tf.distribute strategy every replica assigns,
-        and the mean over replicas then holds the other replicas' updates.
+        value instead, selected rather than multiplied away: that replica's
+        copy stays as it was, and the mean the replicas read holds the other
+        replicas' updates. (With renorm, whose statistics are averaged as they
+        are written, every replica still assigns, so the collective matches.)
         """
 
         def update(variable, value, momentum=None):

@@ -346,7 +346,7 @@ def run_edges(strategy, seed, results):
                     if stock is not None:
                         results[f"{key}.r{replica}.stock_outputs"] = stock_outputs[index]
                 for name in ("moving_mean", "moving_variance"):
-                    for copy, value in enumerate(variable_replicas(getattr(layer, name))):
+                    for copy, value in enumerate(statistics_views(strategy, layer, name)):
                         results[f"{key}.copy{copy}.{name}"] = value
 
     with strategy.scope():

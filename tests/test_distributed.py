@@ -353,13 +353,15 @@ def test_recompute_statistics_on_mirrored_model(mirrored, synchronized):
 def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
     """Uneven small global batches: a replica with one example trains on, one with none adds no NaN.
 
-    synchronized=False: each replica's update is its local one, or the unchanged
-    value for an empty slice, and the variables hold the mean of those.
+    synchronized=False: each replica updates its own copy with its local
+    statistics, an empty slice leaves its copy as it was, and every replica
+    reads the mean of the copies.
     synchronized=True: the statistics of the global batch, as on one device.
     """
     replicas, results = mirrored
     prefix = f"edges.{kind}.sync{int(synchronized)}"
     gamma, beta, moving_mean, moving_variance = results[f"{prefix}.initial"].astype(np.float64)
+    copies = [(moving_mean, moving_variance)] * replicas  # each replica's own moving statistics
     for step, sizes in enumerate(worker.EDGE_SPLITS[replicas]):
         key = f"{prefix}.s{step}"
         where = f"{prefix}, {replicas} replicas, step {step}, slices {sizes}"
@@ -374,11 +376,9 @@ def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
             moving_mean = MOMENTUM * moving_mean + (1 - MOMENTUM) * mean
             moving_variance = MOMENTUM * moving_variance + (1 - MOMENTUM) * variance
         else:
-            updates = []
             for r, x in enumerate(slices):
                 if not len(x):
-                    updates.append((moving_mean, moving_variance))  # an empty slice leaves them as they were
-                    continue
+                    continue  # an empty slice leaves this replica's copy as it was
                 outputs = results[f"{key}.r{r}.outputs"]
                 np_outputs = np_train_forward_backward(x, np.zeros_like(x), gamma, beta)[0]
                 np.testing.assert_allclose(outputs, np_outputs, **CLOSED_FORM_TOL, err_msg=f"{where}: replica {r}")
@@ -387,11 +387,13 @@ def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
                     err_msg=f"{where}: replica {r} vs keras.layers.BatchNormalization",
                 )
                 mean, variance = np_moments(x)
-                updates.append(
-                    (MOMENTUM * moving_mean + (1 - MOMENTUM) * mean, MOMENTUM * moving_variance + (1 - MOMENTUM) * variance)
+                old_mean, old_variance = copies[r]
+                copies[r] = (
+                    MOMENTUM * old_mean + (1 - MOMENTUM) * mean,
+                    MOMENTUM * old_variance + (1 - MOMENTUM) * variance,
                 )
-            moving_mean = np.mean([u[0] for u in updates], axis=0)
-            moving_variance = np.mean([u[1] for u in updates], axis=0)
+            moving_mean = np.mean([c[0] for c in copies], axis=0)
+            moving_variance = np.mean([c[1] for c in copies], axis=0)
         for name in ("moving_mean", "moving_variance"):
             for copy in _copies(results, key, name, replicas):
                 assert np.all(np.isfinite(copy)), f"{where}: {name} {copy}"
