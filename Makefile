@@ -31,7 +31,7 @@ train: $(STAMP) data
 test: $(STAMP) data
 	$(PY) -m pytest -q tests $(ARGS)
 	@# The layer's math is keras.ops: its tests run under JAX too (exit 5: ARGS selected none of them).
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py $(ARGS) || [ $$? -eq 5 ]
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py $(ARGS) || [ $$? -eq 5 ]
 
 test-fast: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
