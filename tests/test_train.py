@@ -655,6 +655,10 @@ BAD_FLAGS = [
     (["--cpu-replicas", "-1"], ["`--cpu-replicas`", "cpu_replicas=-1"]),
     (["--limit-train", "0"], ["`--limit-train`", "limit_train=0"]),
     (["--norm", "none", "--sync-bn"], ["`--sync-bn`", "norm='none'"]),
+    (["--norm", "layer", "--sync-bn"], ["`--sync-bn`", "norm='layer'"]),
+    (["--dropout", "1.0"], ["`--dropout`", "dropout=1.0"]),
+    (["--limit-test", "0"], ["`--limit-test`", "limit_test=0"]),
+    (["--norm-places", "middle"], ["--norm-places", "'middle'", "dense"]),
     (["--epochs", "2", "--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
 ]
 
