@@ -217,22 +217,28 @@ def has_batch_norm(config: TrainConfig) -> bool:
 # ------------------------------------------------------------- measuring
 
 
-def biases_before_norm(model) -> List[Tuple[object, bool]]:
-    """(layer, feeds a normalization) for every conv/dense layer of a Sequential model that has a bias."""
+def is_normalization(layer) -> bool:
+    """Whether `layer` normalizes its input with statistics (any kind the exercises use)."""
     import keras
 
-    norms = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization)
-    from kerasbn import BatchNorm
+    import kerasbn
     from kerasbn.experimental import DecorrelatedBatchNorm
 
-    norms = norms + (BatchNorm, DecorrelatedBatchNorm)
+    kinds = (
+        kerasbn.BatchNorm, DecorrelatedBatchNorm, keras.layers.BatchNormalization,
+        keras.layers.LayerNormalization, keras.layers.GroupNormalization,
+    )
+    return isinstance(layer, kinds)
+
+
+def biases_before_norm(model) -> List[Tuple[object, bool]]:
+    """(layer, feeds a normalization) for every layer with a bias in a Sequential model."""
     layers = model.layers
-    found = []
-    for index, layer in enumerate(layers):
-        if getattr(layer, "bias", None) is not None:
-            following = layers[index + 1] if index + 1 < len(layers) else None
-            found.append((layer, isinstance(following, norms)))
-    return found
+    return [
+        (layer, index + 1 < len(layers) and is_normalization(layers[index + 1]))
+        for index, layer in enumerate(layers)
+        if getattr(layer, "bias", None) is not None
+    ]
 
 
 def bias_gradients(model, images, labels) -> List[Dict]:
@@ -241,8 +247,10 @@ def bias_gradients(model, images, labels) -> List[Dict]:
     Returns one row per conv/dense layer with a bias: its name, whether a
     normalization takes its output (`before_norm`), and the root mean square
     of the gradient of the mean cross-entropy with respect to its bias and
-    to its kernel. A normalization subtracts the batch mean of its input, so
-    a bias right before it cancels and its gradient is zero up to rounding.
+    to its kernel. Batch norm subtracts each channel's batch mean, so a bias
+    right before it cancels and its gradient is zero up to rounding. (Layer
+    and group norm subtract a mean over several channels: only the mean of
+    the biases cancels there.)
     """
     import keras
     import numpy as np
