@@ -190,3 +190,24 @@ def test_spread_formats_mean_and_range():
     assert exercises.spread([0.5, 0.7, 0.6]) == "0.6000 (0.5000-0.7000)"
     assert exercises.spread([0.25]) == "0.2500"
     assert exercises.spread([None, None]) == "-"
+
+
+def _record(variant, seed, test_acc, exercise="learning-rate"):
+    history = [{"epoch": e, "train_acc": test_acc, "test_acc": test_acc} for e in (1, 2)]
+    return {
+        "exercise": exercise, "variant": variant, "seed": seed, "test_acc": test_acc, "test_acc_moving": None,
+        "train_acc_eval": test_acc, "params": 44426, "step_ms": 10.0, "history": history,
+    }
+
+
+def test_report_and_plots_from_records(tmp_path):
+    # Three seeds stuck at exactly chance level: their mean differs from them in the last bit.
+    records = [_record("no BN, lr 10", seed, 0.1) for seed in range(3)]
+    records += [_record("BN, lr 10", seed, acc) for seed, acc in enumerate((0.889, 0.893, 0.8873))]
+    exercises.write_report(str(tmp_path), records)
+    report = (tmp_path / "results.md").read_text()
+    assert "| BN, lr 10 | 0.8898 (0.8873-0.8930) | - |" in report
+    assert "| no BN, lr 10 | 0.1000 (0.1000-0.1000) |" in report
+    assert report.index("BN, lr 10 |") < report.index("no BN, lr 10 |")  # the order of EXERCISES
+    assert (tmp_path / "learning-rate.png").stat().st_size > 10000
+    assert (tmp_path / "summary.png").stat().st_size > 10000

@@ -680,8 +680,9 @@ def plot_summary(path: str, grouped: Dict[str, Dict[str, List[Dict]]]) -> None:
             values = [r["test_acc"] for r in rows_by_variant[name]]
             mean = statistics.fmean(values)
             means.append(mean)
-            low.append(mean - min(values))
-            high.append(max(values) - mean)
+            # max(0, .): the mean of equal values can differ from them in the last bit.
+            low.append(max(0.0, mean - min(values)))
+            high.append(max(0.0, max(values) - mean))
         positions = list(range(len(names)))[::-1]
         ax.errorbar(means, positions, xerr=[low, high], fmt="o", capsize=3)
         ax.set_yticks(positions)
