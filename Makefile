@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: train test test-fast bench tune export data clean
+.PHONY: train test test-fast bench tune exercises export data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,8 @@ train: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest -q tests $(ARGS)
-	@# The layer's math is keras.ops: its tests run under JAX too (exit 5: ARGS selected none of them).
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py $(ARGS) || [ $$? -eq 5 ]
+	@# The layers' math is keras.ops: their tests run under JAX too (exit 5: ARGS selected none of them).
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py tests/test_experimental.py $(ARGS) || [ $$? -eq 5 ]
 
 test-fast: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
@@ -41,6 +41,9 @@ bench: $(STAMP) data
 
 tune: $(STAMP) data
 	$(PY) -m training.tune $(ARGS)
+
+exercises: $(STAMP) data
+	$(PY) -m training.exercises $(ARGS)
 
 export: $(STAMP)
 	$(PY) -m training.export $(ARGS)

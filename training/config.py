@@ -13,7 +13,8 @@ import math
 import os
 from typing import Optional, Sequence
 
-NORMS = ("kerasbn", "keras", "none")
+NORMS = ("kerasbn", "keras", "none", "layer", "group", "decorrelated")
+NORM_PLACES = ("all", "conv", "dense", "first")
 STRATEGIES = ("auto", "mirrored", "multi-worker", "one-device", "default")
 
 
@@ -32,13 +33,23 @@ class TrainConfig:
     epochs: int = _field(10, "Number of passes over the training set.")
     lr: float = _field(1.0, "SGD learning rate (the source text uses 1.0 with BN, 0.9 without).")
     batch_size: int = _field(256, "GLOBAL batch size, split across all replicas.")
-    norm: str = _field("kerasbn", "Normalization layer: kerasbn.BatchNorm, keras.layers.BatchNormalization, or none.", choices=NORMS)
+    norm: str = _field(
+        "kerasbn",
+        "Normalization layer: kerasbn.BatchNorm, keras.layers.BatchNormalization, none, LayerNormalization, "
+        "GroupNormalization, or kerasbn.experimental.DecorrelatedBatchNorm.",
+        choices=NORMS,
+    )
+    norm_places: str = _field("all", "Where the normalization goes: all four places, the conv layers, the dense hidden layers, or the first conv only.", choices=NORM_PLACES)
+    bias: bool = _field(True, "Biases in the conv/dense layers that a normalization follows (--no-bias drops them).")
+    dropout: float = _field(0.0, "Rate of a Dropout after each hidden dense layer (0 = none).")
+    affine: bool = _field(True, "Learn the normalization's gamma and beta (--no-affine fixes gamma = 1, beta = 0).")
     bn_momentum: float = _field(0.9, "Moving-average momentum of the BN layers (Keras convention: weight of the OLD value).")
     sync_bn: bool = _field(False, "Batch statistics over the global batch of all replicas (synchronized=True).")
     strategy: str = _field("auto", "tf.distribute strategy: auto = MirroredStrategy over several GPUs (or --cpu-replicas), else one device.", choices=STRATEGIES)
     cpu_replicas: int = _field(0, "Split the CPU into N logical devices so MirroredStrategy runs N replicas without GPUs (0 = off).")
     seed: int = _field(0, "Random seed: same seed and strategy give the same history.")
     limit_train: Optional[int] = _field(None, "Train on the first N training examples only (smoke runs).")
+    limit_test: Optional[int] = _field(None, "Evaluate on the first N test examples only (smoke runs).")
     data_dir: Optional[str] = _field(None, "Folder with the Fashion-MNIST IDX .gz files (default: $KERASBN_DATA_DIR or /usr/share/datasets/fashion-mnist).")
     out: Optional[str] = _field(None, "Run folder (default: runs/<run-name>). An existing folder with a checkpoint is resumed.")
     run_name: Optional[str] = _field(None, "Name of the run folder under runs/ (default: derived from the settings).")
@@ -62,8 +73,14 @@ class TrainConfig:
             raise ConfigError(f"`--strategy` must be one of {STRATEGIES}. Received: strategy={self.strategy!r}")
         if self.cpu_replicas < 0:
             raise ConfigError(f"`--cpu-replicas` must be >= 0. Received: cpu_replicas={self.cpu_replicas}")
-        if self.limit_train is not None and self.limit_train < 1:
-            raise ConfigError(f"`--limit-train` must be a positive integer. Received: limit_train={self.limit_train}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value}")
+        if self.norm_places not in NORM_PLACES:
+            raise ConfigError(f"`--norm-places` must be one of {NORM_PLACES}. Received: norm_places={self.norm_places!r}")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"`--dropout` must be in [0, 1). Received: dropout={self.dropout}")
         if self.recompute_stats_batches < 0:
             raise ConfigError(
                 f"`--recompute-stats-batches` must be >= 0. Received: recompute_stats_batches={self.recompute_stats_batches}"
@@ -84,8 +101,8 @@ class TrainConfig:
             raise ConfigError(
                 f"`--run-name` must be a folder name (not empty, without '/'). Received: run_name={self.run_name!r}"
             )
-        if self.sync_bn and self.norm == "none":
-            raise ConfigError("`--sync-bn` needs a BN layer. Received: sync_bn=True with norm='none'")
+        if self.sync_bn and self.norm not in ("kerasbn", "keras"):
+            raise ConfigError(f"`--sync-bn` needs a kerasbn or keras BN layer. Received: sync_bn=True with norm={self.norm!r}")
         return self
 
     def default_run_name(self) -> str:
@@ -94,6 +111,14 @@ class TrainConfig:
             name += f"-cpu{self.cpu_replicas}"
         if self.sync_bn:
             name += "-syncbn"
+        if self.norm_places != "all":
+            name += f"-{self.norm_places}"
+        if not self.bias:
+            name += "-nobias"
+        if self.dropout:
+            name += f"-dropout{self.dropout:g}"
+        if not self.affine:
+            name += "-noaffine"
         if self.limit_train:
             name += f"-n{self.limit_train}"
         return name + f"-seed{self.seed}"

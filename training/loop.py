@@ -100,6 +100,10 @@ class Loop:
 
         return run
 
+    def train_on_batch(self, batch) -> np.ndarray:
+        """One optimizer step on a (distributed) batch; returns [loss sum, correct, count]."""
+        return np.array([float(v) for v in self._train_step(batch)])
+
     # --------------------------------------------------------- checkpoints
 
     def restore(self) -> int:
@@ -157,7 +161,7 @@ class Loop:
             totals = np.zeros(3)
             began = time.perf_counter()
             for step, batch in enumerate(make_train_dataset(epoch), start=1):
-                totals += [float(v) for v in self._train_step(batch)]
+                totals += self.train_on_batch(batch)
                 bar.update(step, [("loss", totals[0] / totals[2]), ("acc", totals[1] / totals[2])])
             seconds = time.perf_counter() - began
             test = self.evaluate(test_dataset)

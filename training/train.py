@@ -22,7 +22,7 @@ from training.config import ConfigError, TrainConfig, parse_args
 
 HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_loss", "test_acc", "examples_per_sec", "seconds")
 # Settings that may change when a run folder is resumed; any other change is refused.
-RESUMABLE_CHANGES = {"epochs", "quiet", "export", "out", "run_name", "recompute_stats_batches", "data_dir"}
+RESUMABLE_CHANGES = {"epochs", "quiet", "export", "out", "run_name", "recompute_stats_batches", "data_dir", "limit_test"}
 
 
 def _check_resumable(run_dir: str, config: TrainConfig) -> None:
@@ -97,7 +97,9 @@ def run(config: TrainConfig) -> dict:
         )
         return dataset.with_options(options)
 
-    test = data.make_dataset("test", config.batch_size, training=False, data_dir=config.data_dir).with_options(options)
+    test = data.make_dataset(
+        "test", config.batch_size, training=False, data_dir=config.data_dir, limit=config.limit_test
+    ).with_options(options)
     train_examples = config.limit_train or 60000
     steps_per_epoch = min(train_examples, 60000) // config.batch_size
     if steps_per_epoch == 0:
@@ -107,7 +109,10 @@ def run(config: TrainConfig) -> dict:
         )
 
     with strategy.scope():
-        model = models.build_lenet(config.norm, config.bn_momentum, config.sync_bn)
+        model = models.build_lenet(
+            config.norm, config.bn_momentum, config.sync_bn,
+            norm_places=config.norm_places, bias=config.bias, dropout=config.dropout, affine=config.affine,
+        )
         optimizer = keras.optimizers.SGD(learning_rate=config.lr)
     loop = Loop(
         model, optimizer, strategy, run_dir, config.batch_size, chief=chief, verbose=verbose,

@@ -100,7 +100,9 @@ BEST_RUN = "best"
 # keras-tuner stops a search after this many consecutive crashed trials (diverged ones do not count).
 MAX_CONSECUTIVE_CRASHES = 3
 # Shared training flags that make no sense for a search (the search sets or replaces them).
-SKIPPED_TRAIN_FLAGS = ("epochs", "lr", "out", "run_name")
+SKIPPED_TRAIN_FLAGS = (
+    "epochs", "lr", "out", "run_name", "norm_places", "bias", "dropout", "affine", "limit_test",
+)
 # Settings that define the search: a folder holding a search with other values is not resumed.
 SEARCH_SETTINGS = (
     "tuner", "epochs", "lr_min", "lr_max", "tune_batch_size", "tune_bn_momentum", "compare_norms",
