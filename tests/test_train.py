@@ -670,6 +670,8 @@ BAD_FLAGS = [
     (["--quiet=yes"], ["--quiet", "'yes'"]),
     (["--export=no"], ["--export", "'no'"]),
     (["--sync-bn=1"], ["--sync-bn", "'1'"]),
+    (["--bias=maybe"], ["--bias", "'maybe'"]),
+    (["--affine=0"], ["--affine", "'0'"]),
 ]
 
 
