@@ -335,6 +335,7 @@ def evaluate_saved_model(config: TrainConfig, run_dir: str) -> Tuple[float, int]
     import keras
     import numpy as np
 
+    import kerasbn  # noqa: F401  (registers kerasbn's layers for load_model)
     from training import data
 
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
