@@ -186,9 +186,13 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
     pairs = {}
     for node in nodes:
         bn = node.operation
-        if not is_batch_norm(bn) or calls[id(bn)] != 1 or len(node.input_tensors) != 1:
+        # The input is the one positional argument; a Keras mask (from an
+        # Embedding, a Masking layer) arrives as a second tensor, in `mask=`,
+        # and inference ignores it.
+        args = node.arguments.args
+        if not is_batch_norm(bn) or calls[id(bn)] != 1 or len(args) != 1 or not isinstance(args[0], keras.KerasTensor):
             continue
-        tensor = node.input_tensors[0]
+        tensor = args[0]
         producer = tensor._keras_history.operation
         if calls.get(id(producer)) == 1 and consumers[id(tensor)] == 1 and _can_fold_into(producer, bn):
             pairs[id(bn)] = (bn, producer)
@@ -321,7 +325,9 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
 
     def clone_layer(layer):
         layer_path = _join(path, layer.name)
-        if isinstance(layer, keras.layers.InputLayer):
+        if isinstance(layer, keras.layers.InputLayer) or not isinstance(layer, keras.layers.Layer):
+            # A bare `keras.ops` call in the graph (ops.relu, the NotEqual of
+            # a mask): an Operation without weights or sublayers, kept as it is.
             return layer
         if id(layer) in skipped:
             marker = keras.layers.Identity(name=layer.name)
@@ -365,7 +371,10 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
         new_model = keras.models.clone_model(
             model, input_tensors=inputs, clone_function=clone_layer, call_function=call
         )
-        new_model.trainable = model.trainable
+        # Only to freeze: the setter also sets every layer's flag (on
+        # JAX, whose models track their layers), unfreezing frozen ones.
+        if not model.trainable:
+            new_model.trainable = False
     for assign in assignments:
         assign()
     return new_model

@@ -256,6 +256,41 @@ def test_a_shared_batch_norm_becomes_affine(rng):
     _fold_and_compare(model, rng, x, [], ["bn"])
 
 
+def test_masked_sequences_and_bare_ops_in_the_graph(rng):
+    """An Embedding's mask (a NotEqual op in the graph, passed as `mask=`) and a bare keras.ops call.
+
+    The mask is a second input tensor of the batch norm's node: the Dense before
+    it still feeds nothing else, so the pair folds.
+    """
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(10, 4, mask_zero=True, name="embed")(inputs)
+    x = kerasbn.BatchNorm(name="bn")(keras.layers.Dense(3, name="dense")(x))
+    x = keras.layers.BatchNormalization(name="bn_relu")(keras.ops.relu(x))
+    model = keras.Model(inputs, keras.layers.LSTM(2, name="lstm")(x))
+    data = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 0], [8, 0, 0, 0, 0]], "int32")
+    _fold_and_compare(model, rng, data, [("dense", "bn")], ["bn_relu"])
+    back = kerasbn.convert(kerasbn.convert(model), to="keras")
+    _assert_same_weights(back, model)
+    np.testing.assert_array_equal(to_numpy(back(data)), to_numpy(model(data)))
+
+
+def test_frozen_layers_stay_frozen(rng):
+    """Per-layer `trainable=False` survives (setting the model's flag would reset it on JAX)."""
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization(trainable=False, name="bn")(keras.layers.Dense(4, trainable=False, name="d")(inputs))
+    x = keras.layers.BatchNormalization(name="bn_top")(keras.layers.Dense(2, name="top")(keras.layers.ReLU()(x)))
+    model = keras.Model(inputs, x)
+    converted, folded = kerasbn.convert(model), kerasbn.fold(model)
+    assert [(layer.name, layer.trainable) for layer in converted.layers if layer.weights] == [
+        ("d", False), ("bn", False), ("top", True), ("bn_top", True)
+    ]
+    assert len(converted.trainable_weights) == 4  # top's kernel and bias, bn_top's gamma and beta
+    assert [(layer.name, layer.trainable) for layer in folded.layers if layer.weights] == [("d", False), ("top", True)]
+    assert len(folded.trainable_weights) == 2
+    model.trainable = False
+    assert kerasbn.convert(model).trainable_weights == []
+
+
 def test_nested_models(rng):
     inner_seq = keras.Sequential(
         [keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 1, name="c"), keras.layers.BatchNormalization(name="bn")],
