@@ -314,14 +314,16 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
 
     `clone(layer, path)` returns `(new_layer, assign_weights)` for a layer it
     replaces, or None to copy the layer as it is; layers whose id is in
-    `skipped` are left out (Functional: their call returns its input). Nested
+    `skipped` are left out (Functional: their call returns its input, or,
+    for a model output, goes through an Identity of the same name). Nested
     Sequential/Functional models are rebuilt by `nested(model, path)`
     (default: the same `clone`). Weights are assigned once the new model is
     built, so every layer has its variables.
     """
     nested = nested or (lambda inner, inner_path: _rebuild(inner, clone, frozenset(), inner_path))
     assignments = []
-    skip_new = set()
+    skip_new = {}  # id(Identity marker) -> whether it is kept (a model output)
+    output_layers = {id(tensor._keras_history.operation) for tensor in model.outputs}
 
     def clone_layer(layer):
         layer_path = _join(path, layer.name)
@@ -331,7 +333,9 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             return layer
         if id(layer) in skipped:
             marker = keras.layers.Identity(name=layer.name)
-            skip_new.add(id(marker))
+            # A model output keeps its name through the Identity
+            # (`output_names`, the keys of a compiled model's losses).
+            skip_new[id(marker)] = id(layer) in output_layers
             return marker
         if _is_graph_model(layer):
             return nested(layer, layer_path)
@@ -360,7 +364,8 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
 
         def call(layer, *args, **kwargs):
             if id(layer) in skip_new:
-                return args[0]
+                # The batch norm's input alone: Identity takes no `mask=`.
+                return layer(args[0]) if skip_new[id(layer)] else args[0]
             return layer(*args, **kwargs)
 
         # New inputs named like the originals (clone_model would name them after their tensors).

@@ -291,6 +291,22 @@ def test_frozen_layers_stay_frozen(rng):
     assert kerasbn.convert(model).trainable_weights == []
 
 
+def test_folded_outputs_keep_their_names(rng):
+    """A batch norm that is a model output folds away, and the output keeps its name (a compiled model's loss keys)."""
+    inputs = keras.Input((4,))
+    left = keras.layers.BatchNormalization(name="left_bn")(keras.layers.Dense(3, name="left")(inputs))
+    right = kerasbn.BatchNorm(name="right_bn")(keras.layers.Dense(2, name="right")(inputs))
+    model = keras.Model(inputs, [left, right])
+    _randomize(model, rng)
+    model.compile(loss={"left_bn": "mse", "right_bn": "mae"})
+    folded = kerasbn.fold(model)
+    assert sorted(folded.fold_report.folded) == [("left", "left_bn"), ("right", "right_bn")]
+    assert _batch_norms(folded) == [] and folded.output_names == ["left_bn", "right_bn"]
+    x = rng.normal(0.0, 1.0, (6, 4)).astype("float32")
+    y = {"left_bn": np.zeros((6, 3), "float32"), "right_bn": np.ones((6, 2), "float32")}
+    np.testing.assert_allclose(folded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-5)
+
+
 def test_nested_models(rng):
     inner_seq = keras.Sequential(
         [keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 1, name="c"), keras.layers.BatchNormalization(name="bn")],
