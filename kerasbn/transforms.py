@@ -332,9 +332,11 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             # a mask): an Operation without weights or sublayers, kept as it is.
             return layer
         if id(layer) in skipped:
-            marker = keras.layers.Identity(name=layer.name)
-            # A model output keeps its name through the Identity
-            # (`output_names`, the keys of a compiled model's losses).
+            # Called only where it matters: a model output keeps its name
+            # (`output_names`, the keys of a compiled model's losses), and a
+            # batch norm in another dtype than its input (float32 at the end
+            # of a mixed-precision model) keeps casting to it.
+            marker = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
             skip_new[id(marker)] = id(layer) in output_layers
             return marker
         if _is_graph_model(layer):
@@ -358,14 +360,21 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
     if isinstance(model, keras.Sequential):
         source_input = model.inputs[0]
         inputs = keras.Input(batch_shape=source_input.shape, dtype=source_input.dtype, name=source_input.name)
-        layers = [clone_layer(layer) for layer in model.layers if id(layer) not in skipped]
+        layers = []
+        for previous, layer in zip([None] + model.layers, model.layers):
+            if id(layer) not in skipped:
+                layers.append(clone_layer(layer))
+            elif layer.compute_dtype != previous.compute_dtype:
+                # Casts to the batch norm's dtype, as the batch norm did.
+                layers.append(keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy))
         new_model = keras.Sequential([inputs] + layers, name=model.name, trainable=model.trainable)
     else:
 
         def call(layer, *args, **kwargs):
             if id(layer) in skip_new:
+                keep = skip_new[id(layer)] or args[0].dtype != layer.compute_dtype
                 # The batch norm's input alone: Identity takes no `mask=`.
-                return layer(args[0]) if skip_new[id(layer)] else args[0]
+                return layer(args[0]) if keep else args[0]
             return layer(*args, **kwargs)
 
         # New inputs named like the originals (clone_model would name them after their tensors).

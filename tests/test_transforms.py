@@ -377,6 +377,27 @@ def test_mixed_precision_policies_are_kept(dtype_policy, rng):
     _assert_close_to_scale(folded(data), model(data), rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype_policy", ["mixed_float16"], indirect=True)
+def test_a_float32_batch_norm_folded_into_a_16_bit_layer_keeps_float32_outputs(dtype_policy, rng):
+    """The last batch norm in float32 (as mixed-precision models end): folding it keeps that cast."""
+    functional_in = keras.Input((4,))
+    functional = keras.Model(
+        functional_in, keras.layers.BatchNormalization(dtype="float32", name="bn")(keras.layers.Dense(3, name="d")(functional_in))
+    )
+    sequential = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="d"), kerasbn.BatchNorm(dtype="float32", name="bn")]
+    )
+    x = rng.normal(0.0, 1.0, (2, 4)).astype("float32")
+    for model in (functional, sequential):
+        _randomize(model, rng)
+        folded = kerasbn.fold(model)
+        assert folded.fold_report.folded == (("d", "bn"),) and _batch_norms(folded) == []
+        assert keras.backend.standardize_dtype(folded(x).dtype) == "float32"
+        # The folded Dense rounds its float16 output once more than the original (float16: 11 bits).
+        _assert_close_to_scale(folded(x), model(x), rtol=2e-3)
+        assert keras.backend.standardize_dtype(folded.outputs[0].dtype) == "float32"
+
+
 # ------------------------------------------------------------ saving
 
 
