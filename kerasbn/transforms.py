@@ -281,7 +281,9 @@ def _copy_weights_by_name(old, new, path) -> None:
             f"{type(new).__name__} ({names}) do not correspond."
         )
     for weight in new.weights:
-        weight.assign(values[weight.name])
+        # A NumPy copy: on JAX, assigning the variable would share its array,
+        # which training the new model donates (deletes) under the old one.
+        weight.assign(_numpy(values[weight.name]))
 
 
 # ---------------------------------------------------------------- surgery
@@ -368,6 +370,9 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
                 # Casts to the batch norm's dtype, as the batch norm did.
                 layers.append(keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy))
         new_model = keras.Sequential([inputs] + layers, name=model.name, trainable=model.trainable)
+        if model.compiled:
+            # As keras.models.clone_model does (and so the Functional path below).
+            new_model.compile_from_config(model.get_compile_config())
     else:
 
         def call(layer, *args, **kwargs):

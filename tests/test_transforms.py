@@ -356,6 +356,25 @@ def test_sequential(rng):
     fast = kerasbn.convert(model)
     assert isinstance(fast, keras.Sequential) and len(_batch_norms(fast)) == 3
     np.testing.assert_array_equal(to_numpy(fast(x)), to_numpy(model(x)))
+    # A compiled model gives a compiled copy, as keras.models.clone_model (and the Functional path) does.
+    model.compile(optimizer="sgd", loss="mse")
+    fast = kerasbn.convert(model)
+    assert fast.compiled
+    y = rng.normal(0.0, 1.0, (3, 4)).astype("float32")
+    np.testing.assert_allclose(fast.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-5)
+
+
+def test_the_converted_model_owns_its_weights(rng):
+    """Training the copy leaves the original working and unchanged (JAX donates the arrays a step updates)."""
+    model = _chain(keras.layers.Dense(3, name="d"), keras.layers.BatchNormalization(name="bn"), (4,))
+    _randomize(model, rng)
+    x, y = rng.normal(0.0, 1.0, (8, 4)).astype("float32"), rng.normal(0.0, 1.0, (8, 3)).astype("float32")
+    expected = to_numpy(model(x))
+    for to in ("kerasbn", "keras"):
+        copy = kerasbn.convert(model if to == "kerasbn" else kerasbn.convert(model), to=to)
+        copy.compile(optimizer="sgd", loss="mse")
+        copy.fit(x, y, epochs=2, batch_size=4, verbose=0)
+        np.testing.assert_array_equal(to_numpy(model(x)), expected)
 
 
 @pytest.mark.parametrize("dtype_policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
