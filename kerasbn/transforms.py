@@ -349,6 +349,10 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             assignments.append(assign)
             return new
         _check_no_hidden_batch_norm(layer, layer_path)
+        if isinstance(layer, keras.layers.Lambda) and not layer.weights:
+            # Stateless, and its config would only re-load this process's own
+            # function (refused for a Python lambda, without its globals else).
+            return layer
         try:
             new = layer.__class__.from_config(layer.get_config())
         except Exception as error:  # a layer that cannot be rebuilt from its config

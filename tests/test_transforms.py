@@ -274,6 +274,16 @@ def test_masked_sequences_and_bare_ops_in_the_graph(rng):
     np.testing.assert_array_equal(to_numpy(back(data)), to_numpy(model(data)))
 
 
+def test_a_lambda_layer_is_kept(rng):
+    """A Python lambda cannot be rebuilt from its config (Keras refuses it): the stateless layer is reused."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Lambda(lambda t: keras.ops.tanh(t) * 2.0, name="lam")(keras.layers.Dense(4, name="d")(inputs))
+    model = keras.Model(inputs, kerasbn.BatchNorm(name="bn")(keras.layers.Dense(3, name="d2")(x)))
+    x = rng.normal(0.0, 1.0, (3, 4)).astype("float32")
+    _fold_and_compare(model, rng, x, [("d2", "bn")], [])
+    np.testing.assert_array_equal(to_numpy(kerasbn.convert(model, to="keras")(x)), to_numpy(model(x)))
+
+
 def test_frozen_layers_stay_frozen(rng):
     """Per-layer `trainable=False` survives (setting the model's flag would reset it on JAX)."""
     inputs = keras.Input((4,))
