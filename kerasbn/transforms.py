@@ -123,7 +123,10 @@ def fold(model: keras.Model) -> keras.Model:
     * Every other batch norm becomes a `kerasbn.Affine` layer: the constant
       per-channel `x * a + b` that `BatchNorm(training=False)` computes.
 
-    The result's `fold_report` (a `FoldReport`) lists both. It saves to
+    A folded batch norm that was a model output, or cast to another dtype
+    (float32 in a mixed-precision model), leaves an `Identity` of its name
+    and dtype policy. The result's `fold_report` (a `FoldReport`) lists both
+    kinds of batch norm. It saves to
     `.keras` (with kerasbn importable) and exports as a SavedModel, whose
     graph then holds no batch-norm op.
 
@@ -316,15 +319,16 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
 
     `clone(layer, path)` returns `(new_layer, assign_weights)` for a layer it
     replaces, or None to copy the layer as it is; layers whose id is in
-    `skipped` are left out (Functional: their call returns its input, or,
-    for a model output, goes through an Identity of the same name). Nested
+    `skipped` are left out: their call returns its input, or goes through an
+    Identity of the same name and dtype policy where the layer was a model
+    output or cast to another dtype. Nested
     Sequential/Functional models are rebuilt by `nested(model, path)`
     (default: the same `clone`). Weights are assigned once the new model is
     built, so every layer has its variables.
     """
     nested = nested or (lambda inner, inner_path: _rebuild(inner, clone, frozenset(), inner_path))
     assignments = []
-    skip_new = {}  # id(Identity marker) -> whether it is kept (a model output)
+    skip_new = {}  # id(Identity marker) -> whether it is called (a model output)
     output_layers = {id(tensor._keras_history.operation) for tensor in model.outputs}
 
     def clone_layer(layer):
@@ -394,8 +398,8 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
         new_model = keras.models.clone_model(
             model, input_tensors=inputs, clone_function=clone_layer, call_function=call
         )
-        # Only to freeze: the setter also sets every layer's flag (on
-        # JAX, whose models track their layers), unfreezing frozen ones.
+        # Only to freeze: the setter also sets every layer's own flag (seen
+        # on JAX), which would unfreeze the layers frozen one by one.
         if not model.trainable:
             new_model.trainable = False
     for assign in assignments:
