@@ -123,11 +123,11 @@ def fold(model: keras.Model) -> keras.Model:
     * Every other batch norm becomes a `kerasbn.Affine` layer: the constant
       per-channel `x * a + b` that `BatchNorm(training=False)` computes.
 
-    A folded batch norm that was a Functional model's output, or cast to another dtype
-    (float32 in a mixed-precision model), leaves an `Identity` of its name
-    and dtype policy. The result's `fold_report` (a `FoldReport`) lists both
-    kinds of batch norm. It saves to
-    `.keras` (with kerasbn importable) and exports as a SavedModel, whose
+    A folded batch norm that was a Functional model's output, or cast to
+    another dtype (float32 in a mixed-precision model), leaves an `Identity`
+    of its name and dtype policy. The result's `fold_report` (a
+    `FoldReport`) lists both kinds of batch norm. It saves to `.keras` (with
+    kerasbn importable) and exports as a SavedModel, whose
     graph then holds no batch-norm op.
 
     Args:
@@ -320,8 +320,8 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
     `clone(layer, path)` returns `(new_layer, assign_weights)` for a layer it
     replaces, or None to copy the layer as it is; layers whose id is in
     `skipped` are left out: their call returns its input, or goes through an
-    Identity of the same name and dtype policy where the layer was a Functional model's
-    output or cast to another dtype. Nested
+    Identity of the same name and dtype policy where the layer was a
+    Functional model's output or cast to another dtype. Nested
     Sequential/Functional models are rebuilt by `nested(model, path)`
     (default: the same `clone`). Weights are assigned once the new model is
     built, so every layer has its variables.
