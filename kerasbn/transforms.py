@@ -123,8 +123,11 @@ def fold(model: keras.Model) -> keras.Model:
     * Every other batch norm becomes a `kerasbn.Affine` layer: the constant
       per-channel `x * a + b` that `BatchNorm(training=False)` computes.
 
-    The result's `fold_report` (a `FoldReport`) lists both. It saves to
-    `.keras` (with kerasbn importable) and exports as a SavedModel, whose
+    A folded batch norm that was a Functional model's output, or cast to
+    another dtype (float32 in a mixed-precision model), leaves an `Identity`
+    of its name and dtype policy. The result's `fold_report` (a
+    `FoldReport`) lists both kinds of batch norm. It saves to `.keras` (with
+    kerasbn importable) and exports as a SavedModel, whose
     graph then holds no batch-norm op.
 
     Args:
@@ -186,9 +189,13 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
     pairs = {}
     for node in nodes:
         bn = node.operation
-        if not is_batch_norm(bn) or calls[id(bn)] != 1 or len(node.input_tensors) != 1:
+        # The input is the one positional argument; a Keras mask (from an
+        # Embedding, a Masking layer) arrives as a second tensor, in `mask=`,
+        # and inference ignores it.
+        args = node.arguments.args
+        if not is_batch_norm(bn) or calls[id(bn)] != 1 or len(args) != 1 or not isinstance(args[0], keras.KerasTensor):
             continue
-        tensor = node.input_tensors[0]
+        tensor = args[0]
         producer = tensor._keras_history.operation
         if calls.get(id(producer)) == 1 and consumers[id(tensor)] == 1 and _can_fold_into(producer, bn):
             pairs[id(bn)] = (bn, producer)
@@ -277,7 +284,9 @@ def _copy_weights_by_name(old, new, path) -> None:
             f"{type(new).__name__} ({names}) do not correspond."
         )
     for weight in new.weights:
-        weight.assign(values[weight.name])
+        # A NumPy copy: on JAX, assigning the variable would share its array,
+        # which training the new model donates (deletes) under the old one.
+        weight.assign(_numpy(values[weight.name]))
 
 
 # ---------------------------------------------------------------- surgery
@@ -310,22 +319,31 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
 
     `clone(layer, path)` returns `(new_layer, assign_weights)` for a layer it
     replaces, or None to copy the layer as it is; layers whose id is in
-    `skipped` are left out (Functional: their call returns its input). Nested
+    `skipped` are left out: their call returns its input, or goes through an
+    Identity of the same name and dtype policy where the layer was a
+    Functional model's output or cast to another dtype. Nested
     Sequential/Functional models are rebuilt by `nested(model, path)`
     (default: the same `clone`). Weights are assigned once the new model is
     built, so every layer has its variables.
     """
     nested = nested or (lambda inner, inner_path: _rebuild(inner, clone, frozenset(), inner_path))
     assignments = []
-    skip_new = set()
+    skip_new = {}  # id(Identity marker) -> whether it is called (a model output)
+    output_layers = {id(tensor._keras_history.operation) for tensor in model.outputs}
 
     def clone_layer(layer):
         layer_path = _join(path, layer.name)
-        if isinstance(layer, keras.layers.InputLayer):
+        if isinstance(layer, keras.layers.InputLayer) or not isinstance(layer, keras.layers.Layer):
+            # A bare `keras.ops` call in the graph (ops.relu, the NotEqual of
+            # a mask): an Operation without weights or sublayers, kept as it is.
             return layer
         if id(layer) in skipped:
-            marker = keras.layers.Identity(name=layer.name)
-            skip_new.add(id(marker))
+            # Called only where it matters: a model output keeps its name
+            # (`output_names`, the keys of a compiled model's losses), and a
+            # batch norm in another dtype than its input (float32 at the end
+            # of a mixed-precision model) keeps casting to it.
+            marker = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+            skip_new[id(marker)] = id(layer) in output_layers
             return marker
         if _is_graph_model(layer):
             return nested(layer, layer_path)
@@ -335,6 +353,10 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             assignments.append(assign)
             return new
         _check_no_hidden_batch_norm(layer, layer_path)
+        if isinstance(layer, keras.layers.Lambda) and not layer.weights:
+            # Stateless, and its config would only re-load this process's own
+            # function (refused for a Python lambda, without its globals else).
+            return layer
         try:
             new = layer.__class__.from_config(layer.get_config())
         except Exception as error:  # a layer that cannot be rebuilt from its config
@@ -348,13 +370,24 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
     if isinstance(model, keras.Sequential):
         source_input = model.inputs[0]
         inputs = keras.Input(batch_shape=source_input.shape, dtype=source_input.dtype, name=source_input.name)
-        layers = [clone_layer(layer) for layer in model.layers if id(layer) not in skipped]
+        layers = []
+        for previous, layer in zip([None] + model.layers, model.layers):
+            if id(layer) not in skipped:
+                layers.append(clone_layer(layer))
+            elif layer.compute_dtype != previous.compute_dtype:
+                # Casts to the batch norm's dtype, as the batch norm did.
+                layers.append(keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy))
         new_model = keras.Sequential([inputs] + layers, name=model.name, trainable=model.trainable)
+        if model.compiled:
+            # As keras.models.clone_model does (and so the Functional path below).
+            new_model.compile_from_config(model.get_compile_config())
     else:
 
         def call(layer, *args, **kwargs):
             if id(layer) in skip_new:
-                return args[0]
+                keep = skip_new[id(layer)] or args[0].dtype != layer.compute_dtype
+                # The batch norm's input alone: Identity takes no `mask=`.
+                return layer(args[0]) if keep else args[0]
             return layer(*args, **kwargs)
 
         # New inputs named like the originals (clone_model would name them after their tensors).
@@ -365,7 +398,10 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
         new_model = keras.models.clone_model(
             model, input_tensors=inputs, clone_function=clone_layer, call_function=call
         )
-        new_model.trainable = model.trainable
+        # Only to freeze: the setter also sets every layer's own flag (seen
+        # on JAX), which would unfreeze the layers frozen one by one.
+        if not model.trainable:
+            new_model.trainable = False
     for assign in assignments:
         assign()
     return new_model

@@ -256,6 +256,67 @@ def test_a_shared_batch_norm_becomes_affine(rng):
     _fold_and_compare(model, rng, x, [], ["bn"])
 
 
+def test_masked_sequences_and_bare_ops_in_the_graph(rng):
+    """An Embedding's mask (a NotEqual op in the graph, passed as `mask=`) and a bare keras.ops call.
+
+    The mask is a second input tensor of the batch norm's node: the Dense before
+    it still feeds nothing else, so the pair folds.
+    """
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(10, 4, mask_zero=True, name="embed")(inputs)
+    x = kerasbn.BatchNorm(name="bn")(keras.layers.Dense(3, name="dense")(x))
+    x = keras.layers.BatchNormalization(name="bn_relu")(keras.ops.relu(x))
+    model = keras.Model(inputs, keras.layers.LSTM(2, name="lstm")(x))
+    data = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 0], [8, 0, 0, 0, 0]], "int32")
+    _fold_and_compare(model, rng, data, [("dense", "bn")], ["bn_relu"])
+    back = kerasbn.convert(kerasbn.convert(model), to="keras")
+    _assert_same_weights(back, model)
+    np.testing.assert_array_equal(to_numpy(back(data)), to_numpy(model(data)))
+
+
+def test_a_lambda_layer_is_kept(rng):
+    """A Python lambda cannot be rebuilt from its config (Keras refuses it): the stateless layer is reused."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Lambda(lambda t: keras.ops.tanh(t) * 2.0, name="lam")(keras.layers.Dense(4, name="d")(inputs))
+    model = keras.Model(inputs, kerasbn.BatchNorm(name="bn")(keras.layers.Dense(3, name="d2")(x)))
+    x = rng.normal(0.0, 1.0, (3, 4)).astype("float32")
+    _fold_and_compare(model, rng, x, [("d2", "bn")], [])
+    np.testing.assert_array_equal(to_numpy(kerasbn.convert(model, to="keras")(x)), to_numpy(model(x)))
+
+
+def test_frozen_layers_stay_frozen(rng):
+    """Per-layer `trainable=False` survives (setting the model's flag would reset it on JAX)."""
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization(trainable=False, name="bn")(keras.layers.Dense(4, trainable=False, name="d")(inputs))
+    x = keras.layers.BatchNormalization(name="bn_top")(keras.layers.Dense(2, name="top")(keras.layers.ReLU()(x)))
+    model = keras.Model(inputs, x)
+    converted, folded = kerasbn.convert(model), kerasbn.fold(model)
+    assert [(layer.name, layer.trainable) for layer in converted.layers if layer.weights] == [
+        ("d", False), ("bn", False), ("top", True), ("bn_top", True)
+    ]
+    assert len(converted.trainable_weights) == 4  # top's kernel and bias, bn_top's gamma and beta
+    assert [(layer.name, layer.trainable) for layer in folded.layers if layer.weights] == [("d", False), ("top", True)]
+    assert len(folded.trainable_weights) == 2
+    model.trainable = False
+    assert kerasbn.convert(model).trainable_weights == []
+
+
+def test_folded_outputs_keep_their_names(rng):
+    """A batch norm that is a model output folds away, and the output keeps its name (a compiled model's loss keys)."""
+    inputs = keras.Input((4,))
+    left = keras.layers.BatchNormalization(name="left_bn")(keras.layers.Dense(3, name="left")(inputs))
+    right = kerasbn.BatchNorm(name="right_bn")(keras.layers.Dense(2, name="right")(inputs))
+    model = keras.Model(inputs, [left, right])
+    _randomize(model, rng)
+    model.compile(loss={"left_bn": "mse", "right_bn": "mae"})
+    folded = kerasbn.fold(model)
+    assert sorted(folded.fold_report.folded) == [("left", "left_bn"), ("right", "right_bn")]
+    assert _batch_norms(folded) == [] and folded.output_names == ["left_bn", "right_bn"]
+    x = rng.normal(0.0, 1.0, (6, 4)).astype("float32")
+    y = {"left_bn": np.zeros((6, 3), "float32"), "right_bn": np.ones((6, 2), "float32")}
+    np.testing.assert_allclose(folded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-5)
+
+
 def test_nested_models(rng):
     inner_seq = keras.Sequential(
         [keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 1, name="c"), keras.layers.BatchNormalization(name="bn")],
@@ -305,6 +366,25 @@ def test_sequential(rng):
     fast = kerasbn.convert(model)
     assert isinstance(fast, keras.Sequential) and len(_batch_norms(fast)) == 3
     np.testing.assert_array_equal(to_numpy(fast(x)), to_numpy(model(x)))
+    # A compiled model gives a compiled copy, as keras.models.clone_model (and the Functional path) does.
+    model.compile(optimizer="sgd", loss="mse")
+    fast = kerasbn.convert(model)
+    assert fast.compiled
+    y = rng.normal(0.0, 1.0, (3, 4)).astype("float32")
+    np.testing.assert_allclose(fast.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-5)
+
+
+def test_the_converted_model_owns_its_weights(rng):
+    """Training the copy leaves the original working and unchanged (JAX donates the arrays a step updates)."""
+    model = _chain(keras.layers.Dense(3, name="d"), keras.layers.BatchNormalization(name="bn"), (4,))
+    _randomize(model, rng)
+    x, y = rng.normal(0.0, 1.0, (8, 4)).astype("float32"), rng.normal(0.0, 1.0, (8, 3)).astype("float32")
+    expected = to_numpy(model(x))
+    for to in ("kerasbn", "keras"):
+        copy = kerasbn.convert(model if to == "kerasbn" else kerasbn.convert(model), to=to)
+        copy.compile(optimizer="sgd", loss="mse")
+        copy.fit(x, y, epochs=2, batch_size=4, verbose=0)
+        np.testing.assert_array_equal(to_numpy(model(x)), expected)
 
 
 @pytest.mark.parametrize("dtype_policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
@@ -324,6 +404,27 @@ def test_mixed_precision_policies_are_kept(dtype_policy, rng):
     assert folded.get_layer("bn_relu").dtype_policy.name == dtype_policy
     # 16-bit activations: the folded net rounds at other places (1e-2 of the scale: ~8 bits of bfloat16).
     _assert_close_to_scale(folded(data), model(data), rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype_policy", ["mixed_float16"], indirect=True)
+def test_a_float32_batch_norm_folded_into_a_16_bit_layer_keeps_float32_outputs(dtype_policy, rng):
+    """The last batch norm in float32 (as mixed-precision models end): folding it keeps that cast."""
+    functional_in = keras.Input((4,))
+    functional = keras.Model(
+        functional_in, keras.layers.BatchNormalization(dtype="float32", name="bn")(keras.layers.Dense(3, name="d")(functional_in))
+    )
+    sequential = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="d"), kerasbn.BatchNorm(dtype="float32", name="bn")]
+    )
+    x = rng.normal(0.0, 1.0, (2, 4)).astype("float32")
+    for model in (functional, sequential):
+        _randomize(model, rng)
+        folded = kerasbn.fold(model)
+        assert folded.fold_report.folded == (("d", "bn"),) and _batch_norms(folded) == []
+        assert keras.backend.standardize_dtype(folded(x).dtype) == "float32"
+        # The folded Dense rounds its float16 output once more than the original (float16: 11 bits).
+        _assert_close_to_scale(folded(x), model(x), rtol=2e-3)
+        assert keras.backend.standardize_dtype(folded.outputs[0].dtype) == "float32"
 
 
 # ------------------------------------------------------------ saving
