@@ -556,9 +556,11 @@ class BatchNorm(keras.layers.Layer):
         0.99 keeps 99% of the running estimate and takes 1% of `value`.
         PyTorch's `momentum` weighs the new value instead (its 0.1 is 0.9 here).
 
-        Inside a replica of a `tf.distribute` strategy the variable receives
-        the mean over replicas of their updated values, i.e. the update with
-        the cross-replica mean of `value`.
+        Inside a replica of a `tf.distribute` strategy each replica updates
+        its own copy of a moving statistic (no cross-device traffic); every
+        read returns the mean of the copies, which, the update being linear,
+        is the update with the cross-replica mean of `value`. (Renorm
+        statistics are averaged as they are written.)
 
         Args:
             variable: A moving-statistics variable of this layer.
