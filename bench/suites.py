@@ -26,8 +26,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
 
 # Fields that, with `suite`, identify what was measured; two records that
-# agree on them (and differ in `implementation`) are compared in ratios.
-GROUP_FIELDS = ("suite", "shape", "layout", "mode", "jit", "replicas")
+# agree on them (and differ in `implementation`) are compared in ratios, with
+# the one named REFERENCE_IMPLEMENTATION (or marked `reference`) as the base.
+GROUP_FIELDS = ("suite", "network", "shape", "layout", "mode", "jit", "replicas")
 REFERENCE_IMPLEMENTATION = "keras"
 
 

@@ -123,7 +123,7 @@ def test_quick_run_measurements_are_consistent(quick_records):
 @pytest.mark.slow
 def test_quick_run_suites_and_skips(quick_records):
     suites = {r["name"]: r for r in quick_records if r["record"] == "suite"}
-    assert list(suites) == ["floor", "layer", "training", "export"]
+    assert list(suites) == ["floor", "layer", "training", "export", "models"]
     assert suites["floor"]["status"] == suites["layer"]["status"] == suites["export"]["status"] == "ok"
     assert all(suite["counts_as_done"] for suite in suites.values())
     training = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "training"]
@@ -185,7 +185,65 @@ def test_quick_run_export_suite_records(quick_run, quick_records):
     assert "batch=256 savedmodel_folded:" in completed.stdout
 
 
+@pytest.mark.slow
+def test_quick_run_models_suite_has_both_replica_counts(quick_records):
+    models = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "models"]
+    assert sorted(r["implementation"] for r in models) == sorted(
+        [f"mobilenetv2/train/{n}dev/{v}" for n in (1, 2) for v in ("stock", "kerasbn.convert", "no_bn")]
+        + [f"mobilenetv2/infer/1dev/{v}" for v in ("stock", "kerasbn.fold", "no_bn")]
+    )
+    assert all(math.isfinite(r["ratio_to_keras"]) and math.isfinite(r["bn_share"]) for r in models)
+
+
 # ------------------------------------------------------------------ pieces
+
+
+def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
+    from bench.training_worker import run_worker
+
+    arguments = ["--replicas", 1, "--networks", "mobilenetv2", "--image-size", 32, "--batch", 4, "--repeats", 1]
+    records = run_worker("bench.models_worker", [*arguments, "--warmup", 1, "--inference"], timeout_s=600)
+    report.add_ratios(records)
+    by_name = {r["implementation"]: r for r in records}
+    assert sorted(by_name) == sorted(
+        [f"mobilenetv2/train/1dev/{v}" for v in ("stock", "kerasbn.convert", "no_bn")]
+        + [f"mobilenetv2/infer/1dev/{v}" for v in ("stock", "kerasbn.fold", "no_bn")]
+    )
+    for name, record in by_name.items():
+        assert record["record"] == "measurement" and record["shape"] == [4, 32, 32, 3], name
+        assert math.isfinite(record["ratio_to_keras"]) and math.isfinite(record["ratio_to_bound"]), name
+        assert record["bn_share"] == pytest.approx(
+            (record["median_s"] - by_name[name.rsplit("/", 1)[0] + "/no_bn"]["median_s"])
+            / (by_name[name.rsplit("/", 1)[0] + "/stock"]["median_s"] - by_name[name.rsplit("/", 1)[0] + "/no_bn"]["median_s"])
+        )
+    # MobileNetV2 has 52 batch norms; convert keeps them, fold and the bound have none.
+    layers = {name.split("/", 2)[2]: r["batch_norm_layers"] for name, r in by_name.items()}
+    assert layers == {
+        "1dev/stock": 52, "1dev/kerasbn.convert": 52, "1dev/no_bn": 0, "1dev/kerasbn.fold": 0,
+    }  # fmt: skip
+    for stock in ("mobilenetv2/train/1dev/stock", "mobilenetv2/infer/1dev/stock"):
+        assert by_name[stock]["ratio_to_keras"] == 1.0 and by_name[stock]["bn_share"] == 1.0
+    goals = {g.goal: g for g in report.goal_models(records)}
+    assert goals["kerasbn.convert train step <= 0.55x stock: mobilenetv2, 1 device"].status in ("met", "missed")
+    assert goals["kerasbn.convert train step <= 0.78x stock: resnet50, 1 device"].status == "not evaluated"
+    assert "| mobilenetv2 | inference | 1 |" in "\n".join(report.models_table(records))
+
+
+def test_without_batch_norm_replaces_every_batch_norm_in_nested_models():
+    keras = pytest.importorskip("keras")
+    import kerasbn
+    from bench.models_worker import count_batch_norms, without_batch_norm
+
+    inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 1), kerasbn.BatchNorm()], name="inner")
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.BatchNormalization()(inner(inputs))
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    bound = without_batch_norm(model)
+    assert count_batch_norms(model) == 2 and count_batch_norms(bound) == 0
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 2)).astype("float32")
+    bound.get_layer("inner").layers[0].set_weights(inner.layers[0].get_weights())
+    expected = np.maximum(np.einsum("nhwc,cd->nhwd", x, inner.layers[0].get_weights()[0][0, 0]) + inner.layers[0].get_weights()[1], 0)
+    np.testing.assert_allclose(bound(x, training=True).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_adds_required_suites_in_registry_order():
@@ -194,7 +252,7 @@ def test_resolve_adds_required_suites_in_registry_order():
     bench.load_suites()
     assert [s.name for s in resolve(["layer"])] == ["floor", "layer"]
     assert [s.name for s in resolve(["export", "floor"])] == ["floor", "export"]
-    assert [s.name for s in resolve([])] == ["floor", "layer", "training", "export"]
+    assert [s.name for s in resolve([])] == ["floor", "layer", "training", "export", "models"]
 
 
 def test_config_errors_name_the_argument_and_value():
