@@ -4,6 +4,8 @@
     model = keras.Sequential([keras.layers.Conv2D(6, 5), kerasbn.BatchNorm(), ...])
 """
 
+from kerasbn.affine import Affine
+from kerasbn.convert import FoldReport, convert, fold
 from kerasbn.layer import BatchNorm
 from kerasbn.ops import fold_affine, fold_into_kernel, moments, normalize
 from kerasbn.statistics import recompute_statistics
@@ -22,8 +24,12 @@ def cross_replica_moments(x, axes, mask=None, keepdims=False):
 
 
 __all__ = [
+    "Affine",
     "BatchNorm",
+    "FoldReport",
+    "convert",
     "cross_replica_moments",
+    "fold",
     "fold_affine",
     "fold_into_kernel",
     "moments",

@@ -21,6 +21,7 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 from keras import ops
 
 HALF_DTYPES = ("float16", "bfloat16")
@@ -97,9 +98,11 @@ def fold_affine(
 
     Returns:
         `(a, b)` with `a = gamma * rsqrt(variance + epsilon)` and
-        `b = beta - mean * a`, broadcastable like `mean`.
+        `b = beta - mean * a`, broadcastable like `mean`. NumPy inputs give
+        NumPy results in their own precision (float64 stays float64 on every
+        backend, which is how `kerasbn.fold` folds).
     """
-    a = ops.rsqrt(variance + epsilon)
+    a = _rsqrt(variance + epsilon)
     if gamma is not None:
         a = a * gamma
     b = -mean * a
@@ -132,27 +135,51 @@ def fold_into_kernel(
     gamma=None,
     beta=None,
     epsilon: float = 1e-3,
+    channel_axes: Sequence[int] = (-1,),
 ):
     """Folds a batch normalization that follows a linear layer into it.
 
     For `z = x @ kernel + bias` (or a convolution with that kernel) followed by
-    normalization over the output channels (the kernel's last axis):
-    `kernel' = kernel * a` and `bias' = (bias - mean) * a + beta`, so that
-    `x @ kernel' + bias'` equals the normalized output.
+    normalization over the output channels: `kernel' = kernel * a` along the
+    kernel's output-channel axes and `bias' = bias * a + b`, with
+    `(a, b) = fold_affine(...)`, so that `x @ kernel' + bias'` equals the
+    normalized output.
 
     Args:
-        kernel: Kernel whose last axis is the output channels.
+        kernel: The linear layer's kernel.
         bias: Bias of shape `(channels,)`, or `None` for a layer without one.
         mean, variance, gamma, beta, epsilon: As for `fold_affine`, each of
             shape `(channels,)`.
+        channel_axes: The kernel axes that index the output channels, in
+            row-major order: `(-1,)` for Dense and Conv (the default), `(-2,)`
+            for transposed convolutions (kernel `(*size, out, in)`), `(-2, -1)`
+            for depthwise ones (kernel `(*size, in, multiplier)`, output channel
+            `i * multiplier + m`).
 
     Returns:
-        `(kernel', bias')`.
+        `(kernel', bias')`, NumPy arrays for NumPy inputs.
     """
     a, b = fold_affine(mean, variance, gamma, beta, epsilon)
-    new_kernel = kernel * a
+    rank = len(kernel.shape)
+    axes = sorted(axis % rank for axis in channel_axes)
+    shape = [1] * rank
+    for axis in axes:
+        shape[axis] = kernel.shape[axis]
+    new_kernel = kernel * _reshape(a, shape)
     new_bias = b if bias is None else bias * a + b
     return new_kernel, new_bias
+
+
+def _is_numpy(x) -> bool:
+    return isinstance(x, (np.ndarray, np.generic))
+
+
+def _rsqrt(x):
+    return 1.0 / np.sqrt(x) if _is_numpy(x) else ops.rsqrt(x)
+
+
+def _reshape(x, shape):
+    return np.reshape(x, shape) if _is_numpy(x) else ops.reshape(x, shape)
 
 
 def widen_factor(rows: int, channels: int, lanes: int = 16) -> int:

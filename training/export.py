@@ -22,13 +22,13 @@ Both image signatures return `logits` (float32 `[batch, 10]`), `probabilities`
 (their softmax) and `class_ids` (int64 `[batch]`). The class names are also
 the asset `assets/class_names.txt`, one per line in class-id order.
 
-With `--fold-bn` (the default) every batch normalization that follows a
-Conv2D/Dense (no activation in between) is folded into that layer's kernel and
-bias, `kernel' = kernel * a`, `bias' = (bias - mean) * a + beta` per output
-channel with `a = gamma / sqrt(moving_variance + epsilon)`
-(`kerasbn.fold_into_kernel`, computed in float64); any other batch
-normalization becomes its affine form `x * a + b` with constant `a`, `b`. The
-folded graph holds no batch-normalization op at all. With `--no-fold-bn` each
+With `--fold-bn` (the default) the model goes through `kerasbn.fold`: every
+batch normalization that follows a Conv/Dense layer (no activation in between)
+is folded into that layer's kernel and bias, `kernel' = kernel * a`,
+`bias' = (bias - mean) * a + beta` per output channel with
+`a = gamma / sqrt(moving_variance + epsilon)` (computed in float64); any other
+batch normalization becomes the constant `x * a + b` of a `kerasbn.Affine`
+layer. The folded graph holds no batch-normalization op at all. With `--no-fold-bn` each
 `kerasbn.BatchNorm` runs as its compiled inference path
 (`BatchNorm.inference_function`, the code of `call(training=False)`).
 
@@ -126,22 +126,14 @@ def load_run_model(run_dir: str):
 # ------------------------------------------------------------ folding
 
 
-def _is_batch_norm(layer) -> bool:
-    import keras
-
-    import kerasbn
-
-    return isinstance(layer, (kerasbn.BatchNorm, keras.layers.BatchNormalization))
-
-
 def _layer_chain(model) -> List:
     """The layers of a Sequential model in call order, nested Sequentials flattened."""
     import keras
 
     if not isinstance(model, keras.Sequential):
         raise ExportError(
-            "Folding batch normalization needs a keras.Sequential model (a chain of layers); "
-            f"export it with --no-fold-bn. Received: model {model.name!r} of type {type(model).__name__}"
+            "The unfolded export runs each layer in turn and needs a keras.Sequential model; export it "
+            f"folded instead. Received: model {model.name!r} of type {type(model).__name__}"
         )
     chain = []
     for layer in model.layers:
@@ -149,163 +141,23 @@ def _layer_chain(model) -> List:
     return chain
 
 
-def _contains_batch_norm(layer) -> bool:
-    return any(_is_batch_norm(inner) for inner in layer._flatten_layers(include_self=True, recursive=True))
-
-
-def _input_rank(layer) -> int:
-    return len(layer.input.shape)
-
-
-def _feature_axes(bn, rank: int) -> Tuple[int, ...]:
-    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    return tuple(sorted(int(a) % rank for a in axes))
-
-
-def _to_numpy(x) -> np.ndarray:
-    # `.numpy()`, not np.asarray: NumPy 2 warns on a Keras variable's __array__.
-    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-
-
-def _numpy64(x) -> np.ndarray:
-    return _to_numpy(x).astype(np.float64)
-
-
-def _bn_statistics(bn) -> Dict[str, object]:
-    """A BN layer's inference parameters as float64 NumPy arrays (gamma/beta None when unused)."""
-
-    def value(variable):
-        return None if variable is None else _numpy64(variable)
-
-    return {
-        "mean": value(bn.moving_mean),
-        "variance": value(bn.moving_variance),
-        "gamma": value(bn.gamma) if bn.scale else None,
-        "beta": value(bn.beta) if bn.center else None,
-        "epsilon": float(bn.epsilon),
-    }
-
-
-def _output_channel_axis(linear, rank: int) -> Optional[int]:
-    """The output-channel axis of a Conv/Dense layer's output, or None if a BN cannot fold into it.
-
-    Folding scales the kernel's last axis, which is the output channels for
-    Dense and Conv1D/2D/3D (grouped too) but not for transposed, depthwise or
-    separable convolutions. An activation between the layer and the BN, a
-    quantized kernel, or a LoRA adapter also rule it out.
-    """
-    import keras
-
-    if not isinstance(linear, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)):
-        return None
-    if linear.activation is not keras.activations.linear:
-        return None
-    if getattr(linear, "quantization_mode", None) or getattr(linear, "lora_enabled", False):
-        return None
-    if isinstance(linear, keras.layers.Dense):
-        return rank - 1
-    return rank - 1 if linear.data_format == "channels_last" else 1
-
-
-def _clone(layer, **overrides):
-    """A new, unbuilt layer with `layer`'s config (and `overrides`)."""
-    config = {**layer.get_config(), **overrides}
-    return layer.__class__.from_config(config)
-
-
-def _affine_layer(bn, rank: int, dtype_name: str):
-    """A BN in inference mode as constants: `x * a + b` broadcast over its feature axes."""
-    import keras
-    from keras import ops
-
-    import kerasbn
-    from kerasbn.ops import broadcast_shape, statistics_dtype
-
-    stats = _bn_statistics(bn)
-    a, b = kerasbn.fold_affine(stats["mean"], stats["variance"], stats["gamma"], stats["beta"], stats["epsilon"])
-    shape = broadcast_shape(rank, _feature_axes(bn, rank), stats["mean"].shape)
-    compute = statistics_dtype(dtype_name)
-    a = _to_numpy(a).reshape(shape).astype(compute)
-    b = _to_numpy(b).reshape(shape).astype(compute)
-
-    def affine(x):
-        # Computed in float32 for 16-bit inputs, as the layer does.
-        return ops.cast(ops.cast(x, compute) * a + b, x.dtype)
-
-    return keras.layers.Lambda(affine, name=f"{bn.name}_affine")
-
-
 def fold_batch_norms(model) -> Tuple[object, Dict[str, List]]:
-    """A copy of `model` with every batch normalization folded away.
-
-    Works for `kerasbn.BatchNorm` and `keras.layers.BatchNormalization`, in
-    inference mode (moving statistics). A BN right after a Dense/Conv1D/2D/3D
-    without activation, normalizing that layer's output channels, is folded
-    into its kernel and bias (`kerasbn.fold_into_kernel`, in float64); any
-    other BN becomes the constant affine map `x * a + b` (a Lambda layer).
-    Other layers are cloned with their weights. `model` is not changed.
-
-    Args:
-        model: A built `keras.Sequential` (nested Sequentials are flattened).
+    """`kerasbn.fold(model)` and its report as JSON-ready lists (see `kerasbn.fold`).
 
     Returns:
-        `(folded_model, report)`: a `keras.Sequential` without BN layers, and
-        `{"folded": [[linear_name, bn_name], ...], "affine": [bn_name, ...]}`.
+        `(folded_model, {"folded": [[producer, bn], ...], "affine": [bn, ...]})`.
 
     Raises:
-        ExportError: `model` is not Sequential, or a BN hides inside another layer.
+        ExportError: the model cannot be folded (say, a subclassed model).
     """
-    import keras
-
     import kerasbn
 
-    chain = _layer_chain(model)
-    report: Dict[str, List] = {"folded": [], "affine": []}
-    new_layers = []  # (new_layer, source_layer or None, fold statistics or None)
-    index = 0
-    while index < len(chain):
-        layer = chain[index]
-        following = chain[index + 1] if index + 1 < len(chain) else None
-        if _is_batch_norm(layer):
-            rank = _input_rank(layer)
-            new_layers.append((_affine_layer(layer, rank, layer.compute_dtype), None, None))
-            report["affine"].append(layer.name)
-            index += 1
-            continue
-        if _contains_batch_norm(layer):
-            raise ExportError(
-                f"Layer {layer.name!r} ({type(layer).__name__}) holds a batch normalization that cannot be "
-                "folded from outside; export with --no-fold-bn."
-            )
-        if following is not None and _is_batch_norm(following):
-            rank = _input_rank(following)
-            channel_axis = _output_channel_axis(layer, rank)
-            if channel_axis is not None and _feature_axes(following, rank) == (channel_axis,):
-                clone = _clone(layer, use_bias=True, name=f"{layer.name}_{following.name}_folded")
-                new_layers.append((clone, layer, _bn_statistics(following)))
-                report["folded"].append([layer.name, following.name])
-                index += 2
-                continue
-        new_layers.append((_clone(layer), layer, None))
-        index += 1
-
-    source_input = model.inputs[0]
-    inputs = keras.Input(shape=source_input.shape[1:], dtype=source_input.dtype, name=source_input.name)
-    folded = keras.Sequential([inputs] + [entry[0] for entry in new_layers], name=f"{model.name}_folded")
-    for new_layer, source, stats in new_layers:
-        if source is None:
-            continue
-        if stats is None:
-            new_layer.set_weights(source.get_weights())
-            continue
-        bias = None if source.bias is None else _numpy64(source.bias)
-        kernel, bias = kerasbn.fold_into_kernel(
-            _numpy64(source.kernel), bias,
-            stats["mean"], stats["variance"], stats["gamma"], stats["beta"], stats["epsilon"],
-        )
-        new_layer.kernel.assign(_to_numpy(kernel).astype(new_layer.kernel.dtype))
-        new_layer.bias.assign(_to_numpy(bias).astype(new_layer.bias.dtype))
-    return folded, report
+    try:
+        folded = kerasbn.fold(model)
+    except ValueError as error:
+        raise ExportError(f"Cannot fold batch normalization: {error} Export with --no-fold-bn.") from error
+    report = folded.fold_report
+    return folded, {"folded": [list(pair) for pair in report.folded], "affine": list(report.affine)}
 
 
 # ------------------------------------------------------------ the serving graph
