@@ -38,14 +38,6 @@ VARIANTS: Dict[str, str] = {
 }
 
 
-def is_batch_norm(layer) -> bool:
-    import keras
-
-    import kerasbn
-
-    return isinstance(layer, (keras.layers.BatchNormalization, kerasbn.BatchNorm))
-
-
 def without_batch_norm(model):
     """A copy of `model` with every batch norm, in nested models too, replaced by an identity layer.
 
@@ -56,6 +48,8 @@ def without_batch_norm(model):
     """
     import keras
 
+    from kerasbn.convert import is_batch_norm
+
     def clone(layer):
         if is_batch_norm(layer):
             return keras.layers.Lambda(lambda x: x, name=layer.name)
@@ -65,6 +59,8 @@ def without_batch_norm(model):
 
 
 def count_batch_norms(model) -> int:
+    from kerasbn.convert import is_batch_norm
+
     return sum(is_batch_norm(layer) for layer in model._flatten_layers(include_self=False))
 
 
@@ -198,7 +194,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from bench.training_worker import configure_devices
 
-    import bench._standin  # noqa: F401  TEMP
     strategy = configure_devices(args.replicas)()
     records = []
     for network in args.networks:

@@ -221,6 +221,8 @@ def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
     assert layers == {
         "1dev/stock": 52, "1dev/kerasbn.convert": 52, "1dev/no_bn": 0, "1dev/kerasbn.fold": 0,
     }  # fmt: skip
+    folded = by_name["mobilenetv2/infer/1dev/kerasbn.fold"]
+    assert folded["folded_pairs"] + folded["affine_layers"] == 52 and folded["folded_pairs"] > 0
     for stock in ("mobilenetv2/train/1dev/stock", "mobilenetv2/infer/1dev/stock"):
         assert by_name[stock]["ratio_to_keras"] == 1.0 and by_name[stock]["bn_share"] == 1.0
     goals = {g.goal: g for g in report.goal_models(records)}
