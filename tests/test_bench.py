@@ -491,14 +491,15 @@ def test_suite_result_defaults():
     assert (result.status, result.records, result.reason, result.notes) == ("ok", [], "", [])
 
 
-# --------------------------------------------------- the LeNet profile's pieces
+# --------------------------------------------------- the op profile's pieces
 
 
 def test_profile_attribute_splits_overlapping_ops_and_counts_gaps():
-    from bench.profile_lenet import attribute
+    from bench.profile import attribute
 
     ps = 10**9  # 1 ms in picoseconds
     ops = [(0, 4 * ps, "a:Conv"), (2 * ps, 6 * ps, "b:Mul"), (7 * ps, 8 * ps, "c:Add"), (20 * ps, 30 * ps, "d:Out")]
+    ops.append((5 * ps, 5 * ps, "e:Empty"))  # zero length: no time, and not left running
     shares, wall, summed = attribute(ops, [(0, 10 * ps)])
     # 0-2 a alone, 2-4 a and b share, 4-6 b alone, 6-7 nothing, 7-8 c, 8-10 nothing; d is outside.
     expected = {"a:Conv": 3e-3, "b:Mul": 3e-3, "c:Add": 1e-3, "(no op running)": 3e-3}
@@ -508,65 +509,16 @@ def test_profile_attribute_splits_overlapping_ops_and_counts_gaps():
     assert wall == pytest.approx(10e-3) and summed == pytest.approx(9e-3)
 
 
-def test_profile_classify_names_layers_passes_and_the_rest():
-    from bench.profile_lenet import classify
+def test_profile_classify_names_layer_kinds_passes_and_the_rest():
+    from bench.profile import classify
 
-    groups = {"bn1": ("bn1", "bn"), "sigmoid_after_bn1": ("sigmoid_after_bn1", "sigmoid"), "conv1": ("conv1", "conv")}
-    assert classify("lenet_kerasbn_1/bn1_1/FusedBatchNormV3:_MklNativeFusedBatchNormV3", groups) == (
-        "bn1", "bn", "forward"
-    )  # fmt: skip
-    assert classify("gradient_tape/lenet_kerasbn_1/sigmoid_after_bn1_1/Sigmoid/SigmoidGrad:SigmoidGrad", groups) == (
-        "sigmoid_after_bn1", "sigmoid", "backward"
-    )  # fmt: skip
-    assert classify("compile_loss/sparse_categorical_crossentropy/Cast:Cast", groups)[:2] == ("loss", "loss")
-    assert classify("sgd_1/AssignSubVariableOp_3:AssignSubVariableOp", groups)[1] == "optimizer"
-    assert classify("(no op running)", groups) == ("(no op running)", "gaps", "-")
-
-
-def test_profile_suggested_rule_and_widen_factor():
-    from bench.profile_lenet import suggested_path, widen_factor
-
-    # LeNet's four BN inputs at batch 256, and the layer suite's other shapes.
-    assert [suggested_path(s) for s in [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84)]] == [
-        "generic", "fused", "generic", "generic"
-    ]  # fmt: skip
-    assert suggested_path((1024, 120)) == suggested_path((128, 56, 56, 64)) == "fused"
-    # 4-D: a multiple of 4 channels; 2-D: 100000 elements or more.
-    assert [suggested_path((2, 3, 3, c)) for c in (3, 4, 10, 12)] == ["generic", "fused", "generic", "fused"]
-    assert suggested_path((1000, 100)) == "fused" and suggested_path((999, 100)) == "generic"
-    assert suggested_path((None, 120)) == suggested_path((None, 24, 24, 8)) == "fused"
-    # k * C a multiple of 16 floats, k dividing the rows.
-    assert widen_factor(256 * 24 * 24, 6) == 8
-    assert widen_factor(256 * 64, 16) == 1
-    assert widen_factor(256, 120) == 2 and widen_factor(256, 84) == 4
-    assert widen_factor(6, 6) == 2 and widen_factor(5, 6) == 1
-
-
-def test_profile_widened_batch_norm_matches_the_closed_form_and_its_gradient():
-    tf = pytest.importorskip("tensorflow")
-    from bench.profile_lenet import widened_batch_norm
-
-    rng = np.random.default_rng(1)
-    x64 = rng.normal(2.0, 3.0, size=(4, 3, 2, 6))
-    gamma64, beta64 = rng.uniform(0.5, 1.5, 6), rng.normal(0.0, 1.0, 6)
-    x, gamma, beta = (tf.constant(v, tf.float32) for v in (x64, gamma64, beta64))
-    with tf.GradientTape() as tape:
-        tape.watch([x, gamma, beta])
-        y, mean, variance = widened_batch_norm(x, gamma, beta, 1e-3)
-        loss = tf.reduce_sum(y * tf.constant(np.arange(x64.size).reshape(x64.shape) % 7, tf.float32))
-    dx, dgamma, dbeta = tape.gradient(loss, [x, gamma, beta])
-    axes = (0, 1, 2)
-    expected_mean, expected_variance = x64.mean(axis=axes), x64.var(axis=axes)
-    xhat = (x64 - expected_mean) / np.sqrt(expected_variance + 1e-3)
-    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(variance.numpy(), expected_variance, rtol=1e-5)
-    np.testing.assert_allclose(y.numpy(), xhat * gamma64 + beta64, atol=1e-4)
-    # Closed-form batch-norm gradients for upstream g.
-    g = (np.arange(x64.size).reshape(x64.shape) % 7).astype("float64")
-    np.testing.assert_allclose(dbeta.numpy(), g.sum(axis=axes), rtol=1e-5)
-    np.testing.assert_allclose(dgamma.numpy(), (g * xhat).sum(axis=axes), rtol=1e-4, atol=1e-4)
-    n = x64.size // 6
-    expected_dx = gamma64 / np.sqrt(expected_variance + 1e-3) / n * (
-        n * g - g.sum(axis=axes) - xhat * (g * xhat).sum(axis=axes)
-    )
-    np.testing.assert_allclose(dx.numpy(), expected_dx, rtol=1e-4, atol=1e-4)
+    kinds = {"conv1_bn": "bn", "conv1_relu": "activation", "conv1_conv": "conv", "activation_1": "activation"}
+    assert classify("resnet50_1/conv1_bn_1/FusedBatchNormV3:_MklNativeFusedBatchNormV3", kinds) == ("bn", "forward")
+    assert classify("gradient_tape/resnet50_1/conv1_relu_1/ReluGrad:ReluGrad", kinds) == ("activation", "backward")
+    # Keras's train function calls the step as a function: its ops sit under that call's scope.
+    assert classify("StatefulPartitionedCall/gradient_tape/m_1/conv1_bn_1/Sum:Sum", kinds) == ("bn", "backward")
+    assert classify("lenet_1/activation_1/Sigmoid:Sigmoid", kinds) == ("activation", "forward")
+    assert classify("compile_loss/sparse_categorical_crossentropy/Cast:Cast", kinds) == ("loss", "forward")
+    assert classify("SGD/AssignSubVariableOp_3:AssignSubVariableOp", kinds) == ("optimizer", "update")
+    assert classify("(no op running)", kinds) == ("gaps", "-")
+    assert classify("Identity_3:Identity", kinds) == ("other", "forward")
