@@ -302,14 +302,24 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=112, help="keras.applications networks only")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 for LeNet, 32 for the others")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bench/results)")
+    parser.add_argument(
+        "--no-remapper", action="store_true",
+        help="turn grappler's remapper off (it fuses FusedBatchNormV3 + Relu into _FusedBatchNormEx, and conv + bias "
+        "+ activation); writes <network>_no_remapper_profile.*",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.no_remapper:
+        import tensorflow as tf
+
+        tf.config.optimizer.set_experimental_options({"remapping": False})
     batch = args.batch or (256 if args.network == "lenet" else 32)
     result = run(args.network, args.quick, args.image_size, batch)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.network}_profile.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    stem = args.network + ("_no_remapper" if args.no_remapper else "")
+    (out / f"{stem}_profile.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     text = render(result)
-    (out / f"{args.network}_profile.md").write_text(text, encoding="utf-8")
+    (out / f"{stem}_profile.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 
