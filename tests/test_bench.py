@@ -231,6 +231,43 @@ def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
     assert "| mobilenetv2 | inference | 1 |" in "\n".join(report.models_table(records))
 
 
+def test_models_goals_and_bn_share_from_made_up_records():
+    from bench.models_worker import add_shares
+
+    def record(network, mode, variant, seconds, replicas=1):
+        task = "train" if mode == "train_step" else "infer"
+        return measurement(
+            "models", f"{network}/{task}/{replicas}dev/{variant}", (32, 112, 112, 3), "NHWC", mode, False, [seconds],
+            replicas=replicas, network=network, variant=variant, reference=variant == "stock",
+        )  # fmt: skip
+
+    records = [
+        record("resnet50", "train_step", "stock", 1.0), record("resnet50", "train_step", "kerasbn.convert", 0.77),
+        record("resnet50", "train_step", "no_bn", 0.7), record("resnet50", "inference", "stock", 0.2),
+        record("resnet50", "inference", "kerasbn.fold", 0.18), record("resnet50", "inference", "no_bn", 0.17),
+        record("resnet50", "train_step", "stock", 2.0, 2), record("resnet50", "train_step", "kerasbn.convert", 1.8, 2),
+    ]  # fmt: skip
+    add_shares(records)
+    report.add_ratios(records)
+    assert [r["ratio_to_keras"] for r in records] == pytest.approx([1.0, 0.77, 0.7, 1.0, 0.9, 0.85, 1.0, 0.9])
+    assert records[1]["bn_share"] == pytest.approx(0.07 / 0.3) and records[4]["ratio_to_bound"] == pytest.approx(18 / 17)
+    assert records[7]["bn_share"] is None  # no bound measured at 2 replicas
+    goals = {g.goal: (g.status, g.detail) for g in report.goal_models(records)}
+    assert goals["kerasbn.convert train step <= 0.78x stock: resnet50, 1 device"][0] == "met"
+    assert goals["kerasbn.convert train step <= 0.85x stock: resnet50, 2 replicas"] == (
+        "missed", "worst 0.90x of stock on resnet50 train_step (32x112x112x3) NHWC 2 replicas; 1 of 1 cases above 0.85x"
+    )
+    assert goals["kerasbn.convert's BN share of the train step <= 1/4 of stock's, 1 device"] == (
+        "met", "BN share resnet50 0.23 (limit 0.25)"
+    )
+    assert goals["kerasbn.fold inference <= 1.05x no BN, every network"][0] == "missed"
+    assert goals["Stretch: BN share of the train step < 15% of stock's, 1 device"][0] == "missed"
+    assert goals["kerasbn.convert train step <= 0.55x stock: mobilenetv2, 1 device"][0] == "not evaluated"
+    table = "\n".join(report.models_table(records))
+    assert "| resnet50 | train_step | 1 | 1000 | kerasbn.convert 0.77x | 0.70x | 0.23 | 1.10x | - | 1000-1000 |" in table
+    assert "| resnet50 | train_step | 2 | 2000 | kerasbn.convert 0.90x | - | - | - | - | 2000-2000 |" in table
+
+
 def test_without_batch_norm_replaces_every_batch_norm_in_nested_models():
     keras = pytest.importorskip("keras")
     import kerasbn
