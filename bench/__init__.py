@@ -1,6 +1,6 @@
 """kerasbn's benchmark: the layer against keras, the raw kernel and the memory floor.
 
-    python -m bench                  # everything, about 10 minutes on a 2-core machine
+    python -m bench                  # everything, about 15 minutes on a 2-core machine
     python -m bench --quick          # a ~1-minute smoke version (the tests run it)
     python -m bench --suite layer --repeats 9 --out /tmp/bench
 

@@ -23,11 +23,13 @@ def run_models(config: BenchConfig, previous) -> SuiteResult:
     size, batch = (32, 8) if config.quick else (112, 32)
     repeats = config.repeats_or(full=10, quick=1)
     warmup = 1 if config.quick else 2
+    # A repetition averages calls over >= 1 s: inference calls are short and noisy alone.
+    min_repetition_s = 0.0 if config.quick else 1.0
     records = []
     for replicas in (1, 2):
         arguments = [
             "--replicas", replicas, "--networks", *networks, "--image-size", size, "--batch", batch,
-            "--repeats", repeats, "--warmup", warmup, "--min-repetition-s", 0.0 if config.quick else 0.3,
+            "--repeats", repeats, "--warmup", warmup, "--min-repetition-s", min_repetition_s,
         ]  # fmt: skip
         if replicas == 1:
             arguments.append("--inference")
@@ -38,7 +40,8 @@ def run_models(config: BenchConfig, previous) -> SuiteResult:
         "Training step: model.train_function on an iterator of strategy.experimental_distribute_dataset (what fit "
         "runs per step: forward, loss, gradients, update). Inference: tf.function(model(x, training=False)).",
         f"Per network, every variant interleaved in one process: {warmup} warm-up calls (the first traces), one "
-        f"calibrating call, then {repeats} rounds, order rotated each round; median. One process per replica "
+        f"calibrating call, then {repeats} rounds, order rotated each round, each repetition averaging calls over "
+        f">= {min_repetition_s:g} s; median of the repetitions. One process per replica "
         "count: OneDeviceStrategy for 1, MirroredStrategy over 2 logical CPU devices for 2.",
         "BN share = (t - t_no_bn) / (t_stock - t_no_bn): the part of stock's batch-norm time a variant still pays.",
     ]
