@@ -5,7 +5,7 @@
 """
 
 from kerasbn.affine import Affine
-from kerasbn.convert import FoldReport, convert, fold
+from kerasbn.transforms import FoldReport, convert, fold
 from kerasbn.layer import BatchNorm
 from kerasbn.ops import fold_affine, fold_into_kernel, moments, normalize
 from kerasbn.statistics import recompute_statistics

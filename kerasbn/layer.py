@@ -247,17 +247,22 @@ class BatchNorm(keras.layers.Layer):
                 trainable=True,
                 **weight,
             )
-        # aggregation="mean": an assignment made inside a replica of a
-        # tf.distribute strategy stores the mean over replicas of the values
-        # the replicas assigned, so the replicas' moving statistics never
-        # drift apart (the stock layer lets them).
+        # Moving statistics under a tf.distribute strategy: each replica
+        # updates its own copy (synchronization "on_read", no cross-device
+        # traffic in the training step), and every read outside the replicas
+        # (get_weights, checkpoints, saving, export) returns the mean over
+        # replicas. The moving average is linear, so that mean is exactly the
+        # moving average of the replicas' mean statistics; inference inside a
+        # replica reads the same mean (`_moving_statistics`). The stock layer
+        # instead lets replicas drift and saves replica 0's values. Renorm
+        # uses its statistics in training, so there every write is averaged
+        # ("on_write", one reduction per variable).
+        sync = "on_write" if self.renorm else "on_read"
+        self.moving_mean = self._add_statistic("moving_mean", self.moving_mean_initializer, param_shape, sync)
+        self.moving_variance = self._add_statistic(
+            "moving_variance", self.moving_variance_initializer, param_shape, sync
+        )
         stat = dict(trainable=False, aggregation="mean", **weight)
-        self.moving_mean = self.add_weight(
-            name="moving_mean", initializer=self.moving_mean_initializer, **stat
-        )
-        self.moving_variance = self.add_weight(
-            name="moving_variance", initializer=self.moving_variance_initializer, **stat
-        )
         if self.renorm:
             # As in Keras: renorm tracks standard deviations, initialised to
             # the square root of the variance initializer.
@@ -285,6 +290,46 @@ class BatchNorm(keras.layers.Layer):
                 f"synchronized={self.synchronized}, epsilon={self.epsilon}"
             )
 
+    def _add_statistic(self, name, initializer, shape, synchronization):
+        """A non-trainable float32-or-variable-dtype statistic, averaged across replicas on read or write.
+
+        `add_weight` takes no `synchronization`, so the variable is made and
+        tracked here, in the same order and name scope as `add_weight` would.
+        """
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=initializer,
+                shape=shape,
+                dtype=self.variable_dtype,
+                trainable=False,
+                autocast=False,
+                aggregation="mean",
+                synchronization=synchronization,
+                name=name,
+            )
+        self._track_variable(variable)
+        return variable
+
+    def _moving_statistics(self):
+        """`(moving_mean, moving_variance)` as this replica should use them: the cross-replica mean.
+
+        Inside a replica of several, an "on_read" variable reads as this
+        replica's own copy; one all-reduce of both statistics gives the mean
+        that every read outside the replicas returns.
+        """
+        mean, variance = self.moving_mean, self.moving_variance
+        if _is_tensorflow() and not self.renorm:
+            from kerasbn.distributed import replica_context
+
+            context = replica_context()
+            if context is not None:
+                import tensorflow as tf
+
+                mean, variance = context.all_reduce(
+                    tf.distribute.ReduceOp.MEAN, [tf.convert_to_tensor(mean), tf.convert_to_tensor(variance)]
+                )
+        return mean, variance
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
@@ -308,7 +353,7 @@ class BatchNorm(keras.layers.Layer):
         dtype = bn_ops.statistics_dtype(inputs.dtype)
         a, b = bn_ops.fold_affine(
             *(bn_ops.cast_optional(p, dtype) for p in (
-                self.moving_mean, self.moving_variance, self.gamma, self.beta
+                *self._moving_statistics(), self.gamma, self.beta
             )),
             epsilon=self.epsilon,
         )

@@ -357,7 +357,14 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
                 return args[0]
             return layer(*args, **kwargs)
 
-        new_model = keras.models.clone_model(model, clone_function=clone_layer, call_function=call)
+        # New inputs named like the originals (clone_model would name them after their tensors).
+        inputs = keras.tree.map_structure(
+            lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x._keras_history.operation.name),
+            model.input,
+        )
+        new_model = keras.models.clone_model(
+            model, input_tensors=inputs, clone_function=clone_layer, call_function=call
+        )
         new_model.trainable = model.trainable
     for assign in assignments:
         assign()
