@@ -48,7 +48,7 @@ def without_batch_norm(model):
     """
     import keras
 
-    from kerasbn.convert import is_batch_norm
+    from kerasbn.transforms import is_batch_norm
 
     def clone(layer):
         if is_batch_norm(layer):
@@ -59,7 +59,7 @@ def without_batch_norm(model):
 
 
 def count_batch_norms(model) -> int:
-    from kerasbn.convert import is_batch_norm
+    from kerasbn.transforms import is_batch_norm
 
     return sum(is_batch_norm(layer) for layer in model._flatten_layers(include_self=False))
 
