@@ -453,16 +453,13 @@ def models_table(records: List[dict]) -> List[str]:
             cells[3] = "-" if kerasbn.get("ratio_to_bound") is None else f"{kerasbn['ratio_to_bound']:.2f}x"
         if bound is not None:
             cells[1] = _ratio_cell(bound)
-        reductions = "-"
-        if kerasbn is not None and "cross_device_reductions" in stock:
-            reductions = f"{stock['cross_device_reductions']} / {kerasbn.get('cross_device_reductions', '-')}"
         rows.append(
-            [stock["network"], stock["mode"], stock["replicas"], _ms(stock["median_s"]), *cells, reductions,
+            [stock["network"], stock["mode"], stock["replicas"], _ms(stock["median_s"]), *cells,
              f"{_ms(stock['min_s'])}-{_ms(stock['max_s'])}"]
         )  # fmt: skip
     return _table(
         ["network", "timed", "replicas", "stock ms", "kerasbn vs stock", "no BN vs stock", "kerasbn BN share",
-         "kerasbn vs no BN", "cross-device reductions stock / kerasbn", "stock ms min-max"],
+         "kerasbn vs no BN", "stock ms min-max"],
         rows,
     )  # fmt: skip
 
