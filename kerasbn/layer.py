@@ -325,9 +325,11 @@ class BatchNorm(keras.layers.Layer):
             if context is not None:
                 import tensorflow as tf
 
-                mean, variance = context.all_reduce(
-                    tf.distribute.ReduceOp.MEAN, [tf.convert_to_tensor(mean), tf.convert_to_tensor(variance)]
-                )
+                # Placed on this replica's copy: MultiWorkerMirroredStrategy's
+                # all-reduce needs tensors that name their device.
+                with tf.device(mean.value.device):
+                    local = [tf.identity(mean.value), tf.identity(variance.value)]
+                mean, variance = context.all_reduce(tf.distribute.ReduceOp.MEAN, local)
         return mean, variance
 
     def compute_output_shape(self, input_shape):

@@ -89,6 +89,24 @@ def per_replica(strategy, value):
     return [np.asarray(v) for v in strategy.experimental_local_results(value)]
 
 
+def statistics_views(strategy, layer, name):
+    """The value of a kerasbn.BatchNorm's moving statistic `name` as each replica of this process reads it.
+
+    kerasbn keeps a copy per replica that reads as the cross-replica mean
+    (`BatchNorm._moving_statistics`, which inference uses); this is what each
+    replica normalizes with.
+    """
+    import tensorflow as tf
+
+    index = ("moving_mean", "moving_variance").index(name)
+
+    @tf.function
+    def views():
+        return strategy.run(lambda: layer._moving_statistics()[index])
+
+    return per_replica(strategy, views())
+
+
 def variable_replicas(variable):
     """Every replica's copy of a (Keras) variable held by this process."""
     tf_variable = getattr(variable, "value", variable)
@@ -175,7 +193,7 @@ def run_synchronized(strategy, seed, results, prefix="sync"):
             results[f"{key}.r{replica}.gamma_grad"] = dgamma[index]
             results[f"{key}.r{replica}.beta_grad"] = dbeta[index]
         for name in ("moving_mean", "moving_variance"):
-            for copy, value in enumerate(variable_replicas(getattr(layer, name))):
+            for copy, value in enumerate(statistics_views(strategy, layer, name)):
                 results[f"{key}.copy{copy}.{name}"] = value
         # Gradient step in cross-replica context: every replica's gamma moves alike.
         layer.gamma.assign(layer.gamma - LEARNING_RATE * dgamma[0])
@@ -248,7 +266,7 @@ def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True
                 reference_step(tf.constant(slices[replica]))
             )
         for name in ("moving_mean", "moving_variance"):
-            for copy, value in enumerate(variable_replicas(getattr(layer, name))):
+            for copy, value in enumerate(statistics_views(strategy, layer, name)):
                 results[f"{key}.copy{copy}.{name}"] = value
             if stock is not None:
                 for copy, value in enumerate(variable_replicas(getattr(stock, name))):
@@ -297,7 +315,7 @@ def run_fit_and_recompute(strategy, seed, results):
             model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
         bn = model.layers[1]
         for name in ("moving_mean", "moving_variance"):
-            results[f"{prefix}.initial.{name}"] = variable_replicas(getattr(bn, name))[0]
+            results[f"{prefix}.initial.{name}"] = statistics_views(strategy, bn, name)[0]
         # Keras 3.15's fit fails (AddN of unequal shapes, with any layer) when
         # the replica count does not divide the global batch, so split evenly.
         history = model.fit(
@@ -305,7 +323,7 @@ def run_fit_and_recompute(strategy, seed, results):
         )
         results[f"{prefix}.loss"] = np.asarray(history.history["loss"])
         for name in ("moving_mean", "moving_variance"):
-            results[f"{prefix}.copies.{name}"] = np.stack(variable_replicas(getattr(bn, name)))
+            results[f"{prefix}.copies.{name}"] = np.stack(statistics_views(strategy, bn, name))
 
         # recompute_statistics after fit: outside the strategy's scope for one
         # model, inside it for the other (users do both).
@@ -319,7 +337,7 @@ def run_fit_and_recompute(strategy, seed, results):
         )
         for name in ("moving_mean", "moving_variance"):
             results[f"recompute.sync{int(synchronized)}.copies.{name}"] = np.stack(
-                variable_replicas(getattr(bn, name))
+                statistics_views(strategy, bn, name)
             )
 
 

@@ -157,12 +157,16 @@ def run(config: TrainConfig) -> dict:
         summary["recomputed_batches"] = batches
         summary["test_acc"] = loop.evaluate(strategy.experimental_distribute_dataset(test))["acc"]
 
+    # Every worker saves: reading the moving statistics (per-replica copies
+    # read as their mean) is a collective all workers must join; only the
+    # chief's file is kept.
+    tmp_path = os.path.join(run_dir, f".tmp-model-{os.getpid()}.keras")
+    model.save(tmp_path)
     if chief:
-        model_path = os.path.join(run_dir, "model.keras")
-        tmp_path = os.path.join(run_dir, ".tmp-model.keras")
-        model.save(tmp_path)
-        os.replace(tmp_path, model_path)
+        os.replace(tmp_path, os.path.join(run_dir, "model.keras"))
         artifacts.write_json(os.path.join(run_dir, "summary.json"), summary)
+    else:
+        os.remove(tmp_path)
 
     recompute = (
         f" (moving averages {summary['test_acc_moving_averages']:.3f}, recomputed over {summary['recomputed_batches']} batches)"
