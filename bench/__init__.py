@@ -1,7 +1,7 @@
 """kerasbn's benchmark: the layer against keras, the raw kernel and the memory floor.
 
     python -m bench                  # everything, about 15 minutes on a 2-core machine
-    python -m bench --quick          # a ~1-minute smoke version (the tests run it)
+    python -m bench --quick          # a ~2-minute smoke version (the tests run it)
     python -m bench --suite layer --repeats 9 --out /tmp/bench
 
 Results go to bench/results/<date>-<host>.md and .json, copied to latest.md

@@ -37,7 +37,7 @@ class BenchConfig:
     """What `python -m bench` was asked to do.
 
     Attributes:
-        quick: The ~1-minute smoke version: fewer shapes, repeats and steps.
+        quick: The ~2-minute smoke version: fewer shapes, networks, repeats and steps.
         suites: Names of the suites to run, in registry order; empty runs all.
         repeats: Timed repetitions per measurement; None uses each suite's
             default (more for a full run than for `quick`).
