@@ -275,11 +275,14 @@ def render(result: dict) -> str:
         ])  # fmt: skip
     lines += _table(["variant", "ms/step median", "min-max", "vs stock", "BN share"], rows)
     lines += ["", "## Op profile per step (TF profiler; ops overlapping in time share it)", ""]
-    kinds = sorted({k for p in profiles.values() for k in p["by_kind"]}, key=lambda k: -profiles[STOCK]["by_kind"].get(k, 0))
-    rows = [
-        [kind] + [f"{_ms(profiles[v]['by_kind'].get(kind, 0.0))} ({profiles[v]['by_kind'].get(kind, 0.0) / profiles[v]['step_s']:.0%})" for v in variants]
-        for kind in kinds
-    ]  # fmt: skip
+    stock_kinds = profiles[STOCK]["by_kind"]
+    kinds = sorted({k for p in profiles.values() for k in p["by_kind"]}, key=lambda k: -stock_kinds.get(k, 0.0))
+
+    def kind_cell(variant: str, kind: str) -> str:
+        seconds = profiles[variant]["by_kind"].get(kind, 0.0)
+        return f"{_ms(seconds)} ({seconds / profiles[variant]['step_s']:.0%})"
+
+    rows = [[kind] + [kind_cell(v, kind) for v in variants] for kind in kinds]
     rows.append(["**traced step**"] + [f"**{_ms(profiles[v]['step_s'])}**" for v in variants])
     rows.append(["ops per step in BN scopes"] + [f"{profiles[v]['bn_ops_per_step']:.0f}" for v in variants])
     lines += _table(["kind"] + [f"{v} ms (share)" for v in variants], rows)
@@ -291,7 +294,7 @@ def render(result: dict) -> str:
     for variant in variants:
         if profiles[variant]["bn_by_op_type"]:
             top = list(profiles[variant]["bn_by_op_type"].items())[:8]
-            lines += ["", f"{variant}: BN time by op type (ms per step): " + ", ".join(f"{op} {_ms(s)}" for op, s in top)]
+            lines += ["", f"{variant}: BN time by op type (ms per step): " + ", ".join(f"{o} {_ms(t)}" for o, t in top)]
     return "\n".join(lines) + "\n"
 
 

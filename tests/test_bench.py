@@ -212,10 +212,9 @@ def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
     for name, record in by_name.items():
         assert record["record"] == "measurement" and record["shape"] == [4, 32, 32, 3], name
         assert math.isfinite(record["ratio_to_keras"]) and math.isfinite(record["ratio_to_bound"]), name
-        assert record["bn_share"] == pytest.approx(
-            (record["median_s"] - by_name[name.rsplit("/", 1)[0] + "/no_bn"]["median_s"])
-            / (by_name[name.rsplit("/", 1)[0] + "/stock"]["median_s"] - by_name[name.rsplit("/", 1)[0] + "/no_bn"]["median_s"])
-        )
+        group = name.rsplit("/", 1)[0]
+        stock, bound = by_name[f"{group}/stock"]["median_s"], by_name[f"{group}/no_bn"]["median_s"]
+        assert record["bn_share"] == pytest.approx((record["median_s"] - bound) / (stock - bound))
     # MobileNetV2 has 52 batch norms; convert keeps them, fold and the bound have none.
     layers = {name.split("/", 2)[2]: r["batch_norm_layers"] for name, r in by_name.items()}
     assert layers == {
@@ -250,7 +249,8 @@ def test_models_goals_and_bn_share_from_made_up_records():
     add_shares(records)
     report.add_ratios(records)
     assert [r["ratio_to_keras"] for r in records] == pytest.approx([1.0, 0.77, 0.7, 1.0, 0.9, 0.85, 1.0, 0.9])
-    assert records[1]["bn_share"] == pytest.approx(0.07 / 0.3) and records[4]["ratio_to_bound"] == pytest.approx(18 / 17)
+    assert records[1]["bn_share"] == pytest.approx(0.07 / 0.3)
+    assert records[4]["ratio_to_bound"] == pytest.approx(18 / 17)
     assert records[7]["bn_share"] is None  # no bound measured at 2 replicas
     goals = {g.goal: (g.status, g.detail) for g in report.goal_models(records)}
     assert goals["kerasbn.convert train step <= 0.78x stock: resnet50, 1 device"][0] == "met"
@@ -280,8 +280,10 @@ def test_without_batch_norm_replaces_every_batch_norm_in_nested_models():
     bound = without_batch_norm(model)
     assert count_batch_norms(model) == 2 and count_batch_norms(bound) == 0
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 2)).astype("float32")
-    bound.get_layer("inner").layers[0].set_weights(inner.layers[0].get_weights())
-    expected = np.maximum(np.einsum("nhwc,cd->nhwd", x, inner.layers[0].get_weights()[0][0, 0]) + inner.layers[0].get_weights()[1], 0)
+    kernel, bias = inner.layers[0].get_weights()
+    bound.get_layer("inner").layers[0].set_weights([kernel, bias])
+    # Conv (1x1) then ReLU: both batch norms are gone, in training mode too.
+    expected = np.maximum(np.einsum("nhwc,cd->nhwd", x, kernel[0, 0]) + bias, 0)
     np.testing.assert_allclose(bound(x, training=True).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
