@@ -34,7 +34,7 @@ VARIANTS: Dict[str, str] = {
     STOCK: "the keras.applications network as shipped, keras.layers.BatchNormalization (the reference, ratio 1)",
     CONVERTED: "kerasbn.convert(stock, to='kerasbn'): every BatchNormalization replaced by kerasbn.BatchNorm",
     FOLDED: "kerasbn.fold(stock): the inference model with no batch-norm layer (folded into kernels, or x*a+b)",
-    BOUND: "every batch norm replaced by keras.layers.Identity: the no-BN bound",
+    BOUND: "every batch norm replaced by an identity layer (without_batch_norm): the no-BN bound",
 }
 
 
