@@ -1,7 +1,7 @@
 """kerasbn's benchmark: the layer against keras, the raw kernel and the memory floor.
 
-    python -m bench                  # everything, about 10 minutes on a 2-core machine
-    python -m bench --quick          # a ~1-minute smoke version (the tests run it)
+    python -m bench                  # everything, about 15 minutes on a 2-core machine
+    python -m bench --quick          # a ~2-minute smoke version (the tests run it)
     python -m bench --suite layer --repeats 9 --out /tmp/bench
 
 Results go to bench/results/<date>-<host>.md and .json, copied to latest.md
@@ -15,6 +15,9 @@ and latest.json. The suites (see `bench.suites` for how to add one):
             2 replicas (needs `training.models.build_lenet`).
 * export:   the exported LeNet-BN SavedModel's inference, BN folded vs
             unfolded, batch 1 and 256 (`bench.export_suite`).
+* models:   ResNet50, MobileNetV2, EfficientNetB0 training steps (stock,
+            kerasbn.convert, no BN; 1 and 2 replicas) and inference (stock,
+            kerasbn.fold, no BN) (`bench.models_suite`).
 
 This module stays free of TensorFlow imports: `python -m bench` sets the
 environment first, and the training worker configures devices before
@@ -23,7 +26,7 @@ TensorFlow starts.
 
 from bench.suites import SUITES, BenchConfig, Suite, SuiteResult, register_suite
 
-SUITE_MODULES = ("bench.floor", "bench.layer_suite", "bench.training_suite", "bench.export_suite")
+SUITE_MODULES = ("bench.floor", "bench.layer_suite", "bench.training_suite", "bench.export_suite", "bench.models_suite")
 
 
 def load_suites() -> dict:

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> BenchConfig:
         description="Benchmark kerasbn.BatchNorm against keras, the raw fused kernel and the memory floor.",
         epilog="Suites: " + "; ".join(f"{s.name}: {s.description}" for s in suites.values()),
     )
-    parser.add_argument("--quick", action="store_true", help="~1-minute smoke version: fewer shapes and repeats")
+    parser.add_argument("--quick", action="store_true", help="~2-minute smoke version: fewer shapes and repeats")
     parser.add_argument(
         "--suite", dest="suites", nargs="+", action="extend", default=[], choices=list(suites), metavar="NAME",
         help=f"suites to run (default: all): {', '.join(suites)}; the suites they require run too",

@@ -33,7 +33,11 @@ def add_ratios(records: List[dict]) -> None:
     fastest repetition is the one least disturbed, so this second figure
     helps tell noise from a real difference.
     """
-    reference = {_key(r): r for r in measurements(records) if r["implementation"] == REFERENCE_IMPLEMENTATION}
+    reference = {
+        _key(r): r
+        for r in measurements(records)
+        if r.get("reference", r["implementation"] == REFERENCE_IMPLEMENTATION)
+    }
     for record in measurements(records):
         base = reference.get(_key(record))
         record["ratio_to_keras"] = record["median_s"] / base["median_s"] if base else None
@@ -50,6 +54,8 @@ def _find(records, suite, implementation, **fields) -> Optional[dict]:
 def _case(record: dict) -> str:
     shape = "x".join(map(str, record["shape"]))
     text = f"({shape}) {record['layout']}"
+    if record.get("network"):
+        text = f"{record['network']} {record['mode']} {text}"
     if record.get("replicas", 1) != 1:
         text += f" {record['replicas']} replicas"
     return text + (" jit" if record.get("jit") else "")
@@ -228,8 +234,60 @@ def goal_training(records: List[dict]) -> List[GoalResult]:
     return results
 
 
+def _models(records, variant: str, mode: str, replicas: int = 1, networks=None) -> List[dict]:
+    return [
+        r for r in measurements(records, "models")
+        if (r["variant"], r["mode"], r["replicas"]) == (variant, mode, replicas)
+        and (networks is None or r["network"] in networks)
+    ]  # fmt: skip
+
+
+def _share_goal(goal: str, records: List[dict], limit: float) -> GoalResult:
+    """`met` when kerasbn.convert's BN share of the 1-device train step is <= limit for every network."""
+    shares = [(r["network"], r["bn_share"]) for r in _models(records, "kerasbn.convert", "train_step")]
+    shares = [(network, share) for network, share in shares if share is not None]
+    if not shares:
+        return GoalResult(goal, "not evaluated", _why_not_evaluated(records, "models"))
+    status = "missed" if any(share > limit for _, share in shares) else "met"
+    detail = ", ".join(f"{network} {share:.2f}" for network, share in shares)
+    return GoalResult(goal, status, f"BN share {detail} (limit {limit:g})")
+
+
+def goal_models(records: List[dict]) -> List[GoalResult]:
+    """Issue 9's goals: kerasbn.convert's train step against stock, kerasbn.fold's inference against no BN."""
+    missing = _why_not_evaluated(records, "models")
+
+    def pairs(variant, reference, mode, replicas=1, networks=None):
+        found = []
+        for record in _models(records, variant, mode, replicas, networks):
+            other = _models(records, reference, mode, replicas, (record["network"],))
+            found += [(record, other[0])] if other else []
+        return found
+
+    results = [
+        _ratio_goal(
+            f"kerasbn.convert train step <= {limit:g}x stock: {network}{where}",
+            pairs("kerasbn.convert", "stock", "train_step", replicas, (network,)), limit, "of stock", missing=missing,
+        )
+        for network, limit, replicas, where in (
+            ("resnet50", 0.78, 1, ", 1 device"), ("mobilenetv2", 0.55, 1, ", 1 device"),
+            ("resnet50", 0.85, 2, ", 2 replicas"),
+        )
+    ]  # fmt: skip
+    share_goal = "kerasbn.convert's BN share of the train step <= 1/4 of stock's, 1 device"
+    results.append(_share_goal(share_goal, records, 0.25))
+    results.append(
+        _ratio_goal(
+            "kerasbn.fold inference <= 1.05x no BN, every network",
+            pairs("kerasbn.fold", "no_bn", "inference"), 1.05, "of no BN", missing=missing,
+        )
+    )  # fmt: skip
+    results.append(_share_goal("Stretch: BN share of the train step < 15% of stock's, 1 device", records, 0.15))
+    return results
+
+
 # Extension point: a function from the records to goal rows, one per issue part.
-GOALS: List[Callable[[List[dict]], List[GoalResult]]] = [goal_layer, goal_training, goal_export]
+GOALS: List[Callable[[List[dict]], List[GoalResult]]] = [goal_layer, goal_training, goal_export, goal_models]
 
 
 def evaluate_goals(records: List[dict]) -> List[GoalResult]:
@@ -380,6 +438,34 @@ def export_section(records: List[dict]) -> List[str]:
     return lines + export_table(records)
 
 
+def models_table(records: List[dict]) -> List[str]:
+    """Issue 9's table: per network, timed step and replica count, kerasbn and no BN relative to stock."""
+    rows = []
+    for stock in _models(records, "stock", "train_step") + _models(records, "stock", "train_step", 2) + _models(
+        records, "stock", "inference"
+    ):
+        kerasbn_variant = "kerasbn.convert" if stock["mode"] == "train_step" else "kerasbn.fold"
+        same = (stock["mode"], stock["replicas"], (stock["network"],))
+        kerasbn = (_models(records, kerasbn_variant, *same) or [None])[0]
+        bound = (_models(records, "no_bn", *same) or [None])[0]
+        cells = ["-"] * 4
+        if kerasbn is not None:
+            cells[0] = f"{kerasbn_variant} {_ratio_cell(kerasbn)}"
+            cells[2] = "-" if kerasbn.get("bn_share") is None else f"{kerasbn['bn_share']:.2f}"
+            cells[3] = "-" if kerasbn.get("ratio_to_bound") is None else f"{kerasbn['ratio_to_bound']:.2f}x"
+        if bound is not None:
+            cells[1] = _ratio_cell(bound)
+        rows.append(
+            [stock["network"], stock["mode"], stock["replicas"], _ms(stock["median_s"]), *cells,
+             f"{_ms(stock['min_s'])}-{_ms(stock['max_s'])}"]
+        )  # fmt: skip
+    return _table(
+        ["network", "timed", "replicas", "stock ms", "kerasbn vs stock", "no BN vs stock", "kerasbn BN share",
+         "kerasbn vs no BN", "stock ms min-max"],
+        rows,
+    )  # fmt: skip
+
+
 def render(records: List[dict]) -> str:
     """The Markdown report of a run."""
     header = next(r for r in records if r.get("record") == "header")
@@ -462,6 +548,8 @@ def render(records: List[dict]) -> str:
         )
 
     lines += export_section(records)
+    if measurements(records, "models"):
+        lines += ["", "## Real networks: stock keras BN vs kerasbn vs no BN", ""] + models_table(records)
 
     lines += ["", "## Suites", ""]
     suite_rows = []
@@ -490,6 +578,10 @@ def render(records: List[dict]) -> str:
     from bench.implementations import IMPLEMENTATIONS
 
     lines += [f"- `{name}`: {text}" for name, text in IMPLEMENTATIONS.items()]
+    if measurements(records, "models"):
+        from bench.models_worker import VARIANTS
+
+        lines += [f"- models suite `<network>/<train|infer>/<n>dev/{name}`: {text}" for name, text in VARIANTS.items()]
     if measurements(records, "export"):
         from bench.export_suite import IMPLEMENTATIONS as EXPORT_IMPLEMENTATIONS
 
@@ -519,6 +611,8 @@ def summary(records: List[dict]) -> str:
             f"{r['examples_per_s']:.0f} examples/s, {_ratio_cell(r)} of keras predict"
             for r in export
         ]
+    if measurements(records, "models"):
+        lines += ["", "Real networks (time relative to stock keras BN):", ""] + models_table(records)
     lines += ["", "Goals:"]
     lines += [f"  [{g.status}] {g.goal}: {g.detail}" for g in evaluate_goals(records)]
     return "\n".join(lines)

@@ -26,8 +26,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
 
 # Fields that, with `suite`, identify what was measured; two records that
-# agree on them (and differ in `implementation`) are compared in ratios.
-GROUP_FIELDS = ("suite", "shape", "layout", "mode", "jit", "replicas")
+# agree on them (and differ in `implementation`) are compared in ratios, with
+# the one named REFERENCE_IMPLEMENTATION (or marked `reference`) as the base.
+GROUP_FIELDS = ("suite", "network", "shape", "layout", "mode", "jit", "replicas")
 REFERENCE_IMPLEMENTATION = "keras"
 
 
@@ -36,7 +37,7 @@ class BenchConfig:
     """What `python -m bench` was asked to do.
 
     Attributes:
-        quick: The ~1-minute smoke version: fewer shapes, repeats and steps.
+        quick: The ~2-minute smoke version: fewer shapes, networks, repeats and steps.
         suites: Names of the suites to run, in registry order; empty runs all.
         repeats: Timed repetitions per measurement; None uses each suite's
             default (more for a full run than for `quick`).

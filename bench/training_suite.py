@@ -10,16 +10,10 @@ reports itself skipped.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import pathlib
-import subprocess
-import sys
-import tempfile
 
 from bench.suites import BenchConfig, SuiteResult, register_suite
+from bench.training_worker import run_worker
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 REPLICAS = (1, 2)
 NORMS = ("kerasbn", "keras", "none")
 
@@ -35,28 +29,6 @@ def _build_lenet_available() -> str:
     return ""
 
 
-def _run_worker(replicas: int, norms, steps: int, repeats: int, timeout_s: float):
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "training.json")
-        command = [
-            sys.executable, "-m", "bench.training_worker",
-            "--replicas", str(replicas),
-            "--norms", *norms,
-            "--steps", str(steps),
-            "--repeats", str(repeats),
-            "--json-out", out,
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, timeout=timeout_s, stdout=subprocess.PIPE)
-        if completed.returncode != 0:
-            raise RuntimeError(
-                f"training worker {command[3:]} exited with {completed.returncode} (its stderr is above)"
-            )
-        with open(out, encoding="utf-8") as f:
-            return json.load(f)["records"]
-
-
 @register_suite("training", "LeNet-BN training throughput (fit), --norm kerasbn/keras/none, 1 and 2 replicas")
 def run_training(config: BenchConfig, previous) -> SuiteResult:
     del previous
@@ -69,7 +41,8 @@ def run_training(config: BenchConfig, previous) -> SuiteResult:
     norms = list(NORMS) if config.quick else [*NORMS, "kerasbn_sync"]
     records = []
     for replicas in REPLICAS:
-        records += _run_worker(replicas, norms, steps, repeats, timeout_s=600 if config.quick else 1800)
+        arguments = ["--replicas", replicas, "--norms", *norms, "--steps", steps, "--repeats", repeats]
+        records += run_worker("bench.training_worker", arguments, timeout_s=600 if config.quick else 1800)
     notes = [
         f"model.fit, one epoch of {steps} steps of global batch 256 per call, on synthetic 28x28x1 images "
         f"(10 classes), SGD, jit_compile=False; the epoch's own time (a callback), {repeats} repetitions "

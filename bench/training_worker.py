@@ -1,8 +1,10 @@
-"""Part 3's worker: LeNet-BN training throughput, run in its own process.
+"""Part 3's worker: LeNet-BN training throughput, run in its own process; and the worker pattern.
 
 Two replicas on a CPU-only machine need two logical CPU devices, and those
-can only be configured before TensorFlow initialises its runtime; so the
-`training` suite starts this module in a fresh interpreter:
+can only be configured before TensorFlow initialises its runtime; so a suite
+starts its worker in a fresh interpreter (`run_worker`), and the worker calls
+`configure_devices` first (the `models` suite's worker does too). The
+`training` suite starts this module:
 
     python -m bench.training_worker --replicas 2 --norms kerasbn keras none \
         --steps 30 --repeats 5 --json-out /tmp/training.json
@@ -20,7 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import pathlib
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List
 
@@ -33,6 +39,25 @@ NORMS: Dict[str, dict] = {
 }
 IMAGE_SHAPE = (28, 28, 1)
 EPOCH_EXAMPLES = 60000  # Fashion-MNIST's training set
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_worker(module: str, arguments, timeout_s: float) -> list:
+    """Runs `python -m <module> <arguments> --json-out FILE` in a fresh interpreter; returns its records.
+
+    A fresh process, because logical CPU devices (two replicas on a CPU) can
+    only be configured before TensorFlow initialises its runtime.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "records.json")
+        command = [sys.executable, "-m", module, *map(str, arguments), "--json-out", out]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, timeout=timeout_s, stdout=subprocess.PIPE)
+        if completed.returncode != 0:
+            raise RuntimeError(f"worker {command[2:-2]} exited with {completed.returncode} (its stderr is above)")
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)["records"]
 
 
 def configure_devices(replicas: int):
@@ -70,12 +95,13 @@ def configure_devices(replicas: int):
     return strategy
 
 
-def _dataset(batch_size: int, batches: int = 8):
+def synthetic_dataset(batch_size: int, image_shape=IMAGE_SHAPE, batches: int = 8):
+    """Random images and labels of 10 classes, batched and repeated forever (speed does not depend on values)."""
     import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((batches * batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    images = rng.standard_normal((batches * batch_size, *image_shape), dtype=np.float32)
     labels = rng.integers(0, 10, size=batches * batch_size).astype(np.int32)
     return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).cache().repeat()
 
@@ -111,7 +137,7 @@ def measure(replicas: int, strategy, norms: List[str], steps: int, repeats: int,
     if strategy.num_replicas_in_sync != replicas:
         reason = f"asked for {replicas} replicas, the strategy has {strategy.num_replicas_in_sync}"
         return [skipped("training", norm, reason=reason, **label) for norm in norms]
-    dataset = _dataset(batch_size)
+    dataset = synthetic_dataset(batch_size)
     records = []
     candidates = []
     for norm in norms:

@@ -123,7 +123,7 @@ def test_quick_run_measurements_are_consistent(quick_records):
 @pytest.mark.slow
 def test_quick_run_suites_and_skips(quick_records):
     suites = {r["name"]: r for r in quick_records if r["record"] == "suite"}
-    assert list(suites) == ["floor", "layer", "training", "export"]
+    assert list(suites) == ["floor", "layer", "training", "export", "models"]
     assert suites["floor"]["status"] == suites["layer"]["status"] == suites["export"]["status"] == "ok"
     assert all(suite["counts_as_done"] for suite in suites.values())
     training = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "training"]
@@ -185,7 +185,106 @@ def test_quick_run_export_suite_records(quick_run, quick_records):
     assert "batch=256 savedmodel_folded:" in completed.stdout
 
 
+@pytest.mark.slow
+def test_quick_run_models_suite_has_both_replica_counts(quick_records):
+    models = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "models"]
+    assert sorted(r["implementation"] for r in models) == sorted(
+        [f"mobilenetv2/train/{n}dev/{v}" for n in (1, 2) for v in ("stock", "kerasbn.convert", "no_bn")]
+        + [f"mobilenetv2/infer/1dev/{v}" for v in ("stock", "kerasbn.fold", "no_bn")]
+    )
+    assert all(math.isfinite(r["ratio_to_keras"]) and math.isfinite(r["bn_share"]) for r in models)
+
+
 # ------------------------------------------------------------------ pieces
+
+
+def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
+    from bench.training_worker import run_worker
+
+    arguments = ["--replicas", 1, "--networks", "mobilenetv2", "--image-size", 32, "--batch", 4, "--repeats", 1]
+    records = run_worker("bench.models_worker", [*arguments, "--warmup", 1, "--inference"], timeout_s=600)
+    report.add_ratios(records)
+    by_name = {r["implementation"]: r for r in records}
+    assert sorted(by_name) == sorted(
+        [f"mobilenetv2/train/1dev/{v}" for v in ("stock", "kerasbn.convert", "no_bn")]
+        + [f"mobilenetv2/infer/1dev/{v}" for v in ("stock", "kerasbn.fold", "no_bn")]
+    )
+    for name, record in by_name.items():
+        assert record["record"] == "measurement" and record["shape"] == [4, 32, 32, 3], name
+        assert math.isfinite(record["ratio_to_keras"]) and math.isfinite(record["ratio_to_bound"]), name
+        group = name.rsplit("/", 1)[0]
+        stock, bound = by_name[f"{group}/stock"]["median_s"], by_name[f"{group}/no_bn"]["median_s"]
+        assert record["bn_share"] == pytest.approx((record["median_s"] - bound) / (stock - bound))
+    # MobileNetV2 has 52 batch norms; convert keeps them, fold and the bound have none.
+    layers = {name.split("/", 2)[2]: r["batch_norm_layers"] for name, r in by_name.items()}
+    assert layers == {
+        "1dev/stock": 52, "1dev/kerasbn.convert": 52, "1dev/no_bn": 0, "1dev/kerasbn.fold": 0,
+    }  # fmt: skip
+    folded = by_name["mobilenetv2/infer/1dev/kerasbn.fold"]
+    assert folded["folded_pairs"] + folded["affine_layers"] == 52 and folded["folded_pairs"] > 0
+    for stock in ("mobilenetv2/train/1dev/stock", "mobilenetv2/infer/1dev/stock"):
+        assert by_name[stock]["ratio_to_keras"] == 1.0 and by_name[stock]["bn_share"] == 1.0
+    goals = {g.goal: g for g in report.goal_models(records)}
+    assert goals["kerasbn.convert train step <= 0.55x stock: mobilenetv2, 1 device"].status in ("met", "missed")
+    assert goals["kerasbn.convert train step <= 0.78x stock: resnet50, 1 device"].status == "not evaluated"
+    assert "| mobilenetv2 | inference | 1 |" in "\n".join(report.models_table(records))
+
+
+def test_models_goals_and_bn_share_from_made_up_records():
+    from bench.models_worker import add_shares
+
+    def record(network, mode, variant, seconds, replicas=1):
+        task = "train" if mode == "train_step" else "infer"
+        return measurement(
+            "models", f"{network}/{task}/{replicas}dev/{variant}", (32, 112, 112, 3), "NHWC", mode, False, [seconds],
+            replicas=replicas, network=network, variant=variant, reference=variant == "stock",
+        )  # fmt: skip
+
+    records = [
+        record("resnet50", "train_step", "stock", 1.0), record("resnet50", "train_step", "kerasbn.convert", 0.77),
+        record("resnet50", "train_step", "no_bn", 0.7), record("resnet50", "inference", "stock", 0.2),
+        record("resnet50", "inference", "kerasbn.fold", 0.18), record("resnet50", "inference", "no_bn", 0.17),
+        record("resnet50", "train_step", "stock", 2.0, 2), record("resnet50", "train_step", "kerasbn.convert", 1.8, 2),
+    ]  # fmt: skip
+    add_shares(records)
+    report.add_ratios(records)
+    assert [r["ratio_to_keras"] for r in records] == pytest.approx([1.0, 0.77, 0.7, 1.0, 0.9, 0.85, 1.0, 0.9])
+    assert records[1]["bn_share"] == pytest.approx(0.07 / 0.3)
+    assert records[4]["ratio_to_bound"] == pytest.approx(18 / 17)
+    assert records[7]["bn_share"] is None  # no bound measured at 2 replicas
+    goals = {g.goal: (g.status, g.detail) for g in report.goal_models(records)}
+    assert goals["kerasbn.convert train step <= 0.78x stock: resnet50, 1 device"][0] == "met"
+    assert goals["kerasbn.convert train step <= 0.85x stock: resnet50, 2 replicas"] == (
+        "missed", "worst 0.90x of stock on resnet50 train_step (32x112x112x3) NHWC 2 replicas; 1 of 1 cases above 0.85x"
+    )
+    assert goals["kerasbn.convert's BN share of the train step <= 1/4 of stock's, 1 device"] == (
+        "met", "BN share resnet50 0.23 (limit 0.25)"
+    )
+    assert goals["kerasbn.fold inference <= 1.05x no BN, every network"][0] == "missed"
+    assert goals["Stretch: BN share of the train step < 15% of stock's, 1 device"][0] == "missed"
+    assert goals["kerasbn.convert train step <= 0.55x stock: mobilenetv2, 1 device"][0] == "not evaluated"
+    table = "\n".join(report.models_table(records))
+    assert "| resnet50 | train_step | 1 | 1000 | kerasbn.convert 0.77x | 0.70x | 0.23 | 1.10x | 1000-1000 |" in table
+    assert "| resnet50 | train_step | 2 | 2000 | kerasbn.convert 0.90x | - | - | - | 2000-2000 |" in table
+
+
+def test_without_batch_norm_replaces_every_batch_norm_in_nested_models():
+    keras = pytest.importorskip("keras")
+    import kerasbn
+    from bench.models_worker import count_batch_norms, without_batch_norm
+
+    inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 1), kerasbn.BatchNorm()], name="inner")
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.BatchNormalization()(inner(inputs))
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    bound = without_batch_norm(model)
+    assert count_batch_norms(model) == 2 and count_batch_norms(bound) == 0
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 2)).astype("float32")
+    kernel, bias = inner.layers[0].get_weights()
+    bound.get_layer("inner").layers[0].set_weights([kernel, bias])
+    # Conv (1x1) then ReLU: both batch norms are gone, in training mode too.
+    expected = np.maximum(np.einsum("nhwc,cd->nhwd", x, kernel[0, 0]) + bias, 0)
+    np.testing.assert_allclose(bound(x, training=True).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_adds_required_suites_in_registry_order():
@@ -194,7 +293,7 @@ def test_resolve_adds_required_suites_in_registry_order():
     bench.load_suites()
     assert [s.name for s in resolve(["layer"])] == ["floor", "layer"]
     assert [s.name for s in resolve(["export", "floor"])] == ["floor", "export"]
-    assert [s.name for s in resolve([])] == ["floor", "layer", "training", "export"]
+    assert [s.name for s in resolve([])] == ["floor", "layer", "training", "export", "models"]
 
 
 def test_config_errors_name_the_argument_and_value():
@@ -431,14 +530,15 @@ def test_suite_result_defaults():
     assert (result.status, result.records, result.reason, result.notes) == ("ok", [], "", [])
 
 
-# --------------------------------------------------- the LeNet profile's pieces
+# --------------------------------------------------- the op profile's pieces
 
 
 def test_profile_attribute_splits_overlapping_ops_and_counts_gaps():
-    from bench.profile_lenet import attribute
+    from bench.profile import attribute
 
     ps = 10**9  # 1 ms in picoseconds
     ops = [(0, 4 * ps, "a:Conv"), (2 * ps, 6 * ps, "b:Mul"), (7 * ps, 8 * ps, "c:Add"), (20 * ps, 30 * ps, "d:Out")]
+    ops.append((5 * ps, 5 * ps, "e:Empty"))  # zero length: no time, and not left running
     shares, wall, summed = attribute(ops, [(0, 10 * ps)])
     # 0-2 a alone, 2-4 a and b share, 4-6 b alone, 6-7 nothing, 7-8 c, 8-10 nothing; d is outside.
     expected = {"a:Conv": 3e-3, "b:Mul": 3e-3, "c:Add": 1e-3, "(no op running)": 3e-3}
@@ -448,65 +548,16 @@ def test_profile_attribute_splits_overlapping_ops_and_counts_gaps():
     assert wall == pytest.approx(10e-3) and summed == pytest.approx(9e-3)
 
 
-def test_profile_classify_names_layers_passes_and_the_rest():
-    from bench.profile_lenet import classify
+def test_profile_classify_names_layer_kinds_passes_and_the_rest():
+    from bench.profile import classify
 
-    groups = {"bn1": ("bn1", "bn"), "sigmoid_after_bn1": ("sigmoid_after_bn1", "sigmoid"), "conv1": ("conv1", "conv")}
-    assert classify("lenet_kerasbn_1/bn1_1/FusedBatchNormV3:_MklNativeFusedBatchNormV3", groups) == (
-        "bn1", "bn", "forward"
-    )  # fmt: skip
-    assert classify("gradient_tape/lenet_kerasbn_1/sigmoid_after_bn1_1/Sigmoid/SigmoidGrad:SigmoidGrad", groups) == (
-        "sigmoid_after_bn1", "sigmoid", "backward"
-    )  # fmt: skip
-    assert classify("compile_loss/sparse_categorical_crossentropy/Cast:Cast", groups)[:2] == ("loss", "loss")
-    assert classify("sgd_1/AssignSubVariableOp_3:AssignSubVariableOp", groups)[1] == "optimizer"
-    assert classify("(no op running)", groups) == ("(no op running)", "gaps", "-")
-
-
-def test_profile_suggested_rule_and_widen_factor():
-    from bench.profile_lenet import suggested_path, widen_factor
-
-    # LeNet's four BN inputs at batch 256, and the layer suite's other shapes.
-    assert [suggested_path(s) for s in [(256, 24, 24, 6), (256, 8, 8, 16), (256, 120), (256, 84)]] == [
-        "generic", "fused", "generic", "generic"
-    ]  # fmt: skip
-    assert suggested_path((1024, 120)) == suggested_path((128, 56, 56, 64)) == "fused"
-    # 4-D: a multiple of 4 channels; 2-D: 100000 elements or more.
-    assert [suggested_path((2, 3, 3, c)) for c in (3, 4, 10, 12)] == ["generic", "fused", "generic", "fused"]
-    assert suggested_path((1000, 100)) == "fused" and suggested_path((999, 100)) == "generic"
-    assert suggested_path((None, 120)) == suggested_path((None, 24, 24, 8)) == "fused"
-    # k * C a multiple of 16 floats, k dividing the rows.
-    assert widen_factor(256 * 24 * 24, 6) == 8
-    assert widen_factor(256 * 64, 16) == 1
-    assert widen_factor(256, 120) == 2 and widen_factor(256, 84) == 4
-    assert widen_factor(6, 6) == 2 and widen_factor(5, 6) == 1
-
-
-def test_profile_widened_batch_norm_matches_the_closed_form_and_its_gradient():
-    tf = pytest.importorskip("tensorflow")
-    from bench.profile_lenet import widened_batch_norm
-
-    rng = np.random.default_rng(1)
-    x64 = rng.normal(2.0, 3.0, size=(4, 3, 2, 6))
-    gamma64, beta64 = rng.uniform(0.5, 1.5, 6), rng.normal(0.0, 1.0, 6)
-    x, gamma, beta = (tf.constant(v, tf.float32) for v in (x64, gamma64, beta64))
-    with tf.GradientTape() as tape:
-        tape.watch([x, gamma, beta])
-        y, mean, variance = widened_batch_norm(x, gamma, beta, 1e-3)
-        loss = tf.reduce_sum(y * tf.constant(np.arange(x64.size).reshape(x64.shape) % 7, tf.float32))
-    dx, dgamma, dbeta = tape.gradient(loss, [x, gamma, beta])
-    axes = (0, 1, 2)
-    expected_mean, expected_variance = x64.mean(axis=axes), x64.var(axis=axes)
-    xhat = (x64 - expected_mean) / np.sqrt(expected_variance + 1e-3)
-    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(variance.numpy(), expected_variance, rtol=1e-5)
-    np.testing.assert_allclose(y.numpy(), xhat * gamma64 + beta64, atol=1e-4)
-    # Closed-form batch-norm gradients for upstream g.
-    g = (np.arange(x64.size).reshape(x64.shape) % 7).astype("float64")
-    np.testing.assert_allclose(dbeta.numpy(), g.sum(axis=axes), rtol=1e-5)
-    np.testing.assert_allclose(dgamma.numpy(), (g * xhat).sum(axis=axes), rtol=1e-4, atol=1e-4)
-    n = x64.size // 6
-    expected_dx = gamma64 / np.sqrt(expected_variance + 1e-3) / n * (
-        n * g - g.sum(axis=axes) - xhat * (g * xhat).sum(axis=axes)
-    )
-    np.testing.assert_allclose(dx.numpy(), expected_dx, rtol=1e-4, atol=1e-4)
+    kinds = {"conv1_bn": "bn", "conv1_relu": "activation", "conv1_conv": "conv", "activation_1": "activation"}
+    assert classify("resnet50_1/conv1_bn_1/FusedBatchNormV3:_MklNativeFusedBatchNormV3", kinds) == ("bn", "forward")
+    assert classify("gradient_tape/resnet50_1/conv1_relu_1/ReluGrad:ReluGrad", kinds) == ("activation", "backward")
+    # Keras's train function calls the step as a function: its ops sit under that call's scope.
+    assert classify("StatefulPartitionedCall/gradient_tape/m_1/conv1_bn_1/Sum:Sum", kinds) == ("bn", "backward")
+    assert classify("lenet_1/activation_1/Sigmoid:Sigmoid", kinds) == ("activation", "forward")
+    assert classify("compile_loss/sparse_categorical_crossentropy/Cast:Cast", kinds) == ("loss", "forward")
+    assert classify("SGD/AssignSubVariableOp_3:AssignSubVariableOp", kinds) == ("optimizer", "update")
+    assert classify("(no op running)", kinds) == ("gaps", "-")
+    assert classify("Identity_3:Identity", kinds) == ("other", "forward")

@@ -1,0 +1,331 @@
+"""Where a training step spends its time: an op profile of a network with keras BN, kerasbn and no BN.
+
+    python -m bench.profile --network resnet50        # a few minutes on a 2-core CPU
+    python -m bench.profile --network lenet --quick   # under a minute, for a look (do not quote it)
+
+Writes `bench/results/<network>_profile.md` and `.json` (`--out` picks the
+folder). The variants are those of the `models` suite (`stock`,
+`kerasbn.convert`, `no_bn`; for LeNet `training.models.build_lenet` with
+norm keras, kerasbn and none), with the suite's training step
+(`bench.models_worker.train_call`), on one device. Two measurements:
+
+1. **Whole step**: the variants timed interleaved (`bench.timing`).
+2. **Op profile**: `tf.profiler.experimental` traces a few steps of each;
+   every op the executor ran is attributed to its layer's kind (from the
+   op's name scope) and to forward or backward (`gradient_tape/` scope).
+   Where ops ran at once on the executor's threads, the overlap is split
+   between them, so the kinds add up to the traced wall time.
+
+The LeNet profile of the layer's design (the what-ifs that became kerasbn's
+shape-aware training path, bench/results/lenet_profile.md) was written by
+this module's earlier, LeNet-only version: `git show 8ad8450:bench/profile_lenet.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from bench.models_worker import BOUND, CONVERTED, NETWORKS, STOCK  # noqa: E402
+
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
+GAPS = "(no op running)"
+# Layer class -> kind; other layers are their class name, lower case.
+KINDS = {
+    "Conv2D": "conv", "DepthwiseConv2D": "conv", "Dense": "dense", "BatchNormalization": "bn", "BatchNorm": "bn",
+    "Activation": "activation", "ReLU": "activation", "Add": "merge", "Multiply": "merge", "MaxPooling2D": "pool",
+    "AveragePooling2D": "pool", "GlobalAveragePooling2D": "pool", "ZeroPadding2D": "padding",
+}  # fmt: skip
+
+
+def build(network: str, image_size: int, batch: int):
+    """`{variant: model}`, compiled, and the synthetic dataset the suite uses."""
+    import keras
+
+    from bench.models_worker import build_variants
+    from bench.training_worker import synthetic_dataset
+
+    if network == "lenet":
+        from training.models import build_lenet
+
+        models = {STOCK: build_lenet("keras"), CONVERTED: build_lenet("kerasbn"), BOUND: build_lenet("none")}
+        for model in models.values():
+            model.compile(optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(True))
+        return models, synthetic_dataset(batch)
+    image_shape = (image_size, image_size, 3)
+    return build_variants(network, image_shape, _strategy()), synthetic_dataset(batch, image_shape, batches=4)
+
+
+def _strategy():
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy()
+
+
+def layer_kinds(model) -> Dict[str, str]:
+    """Layer name -> kind (`KINDS`), for every layer of `model`."""
+    return {layer.name: KINDS.get(type(layer).__name__, type(layer).__name__.lower()) for layer in model.layers}
+
+
+def classify(op: str, kinds: Dict[str, str]) -> Tuple[str, str]:
+    """`(kind, direction)` of an op event name `scope/.../name:Type`: its layer's kind (or loss/optimizer/other)."""
+    if op == GAPS:
+        return "gaps", "-"
+    segments = op.rsplit(":", 1)[0].split("/")
+    while len(segments) > 1 and segments[0] in ("StatefulPartitionedCall", "PartitionedCall"):
+        segments = segments[1:]  # the scope of a called function (Keras's step inside its iterator loop)
+    direction = "backward" if segments[0] == "gradient_tape" else "forward"
+    for segment in segments[:4]:
+        # A layer's ops sit in its name scope, which TensorFlow may suffix ("conv1_bn_1").
+        kind = kinds.get(segment) or kinds.get(re.sub(r"_\d+$", "", segment))
+        if kind:
+            return kind, direction
+    head = segments[1] if segments[0] == "gradient_tape" and len(segments) > 1 else segments[0]
+    if head.startswith("compile_loss"):
+        return "loss", direction
+    if head.lower().startswith("sgd"):
+        return "optimizer", "update"
+    return "other", direction
+
+
+def _read_xspace(logdir: str):
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        raise RuntimeError(f"The profiler wrote no .xplane.pb under {logdir!r}")
+    space = xplane_pb2.XSpace()
+    with open(paths[-1], "rb") as handle:
+        space.ParseFromString(handle.read())
+    return space
+
+
+def trace_events(space) -> Tuple[List[Tuple[int, int, str]], List[Tuple[int, int]]]:
+    """Op intervals `(start_ps, end_ps, "name:Type")` on the executor threads, and the steps' windows.
+
+    TensorFlow names an op's event `<op name>:<op type>` on the `tf_Compute`
+    threads; `KernelAndDeviceFunc::Run` events on the Python thread span the
+    calls of traced functions (nested ones too: overlapping spans are merged).
+    """
+    ops, spans = [], []
+    for plane in space.planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        metadata = plane.event_metadata
+        for line in plane.lines:
+            base = line.timestamp_ns * 1000
+            for event in line.events:
+                name = metadata[event.metadata_id].name
+                start = base + event.offset_ps
+                if name == "KernelAndDeviceFunc::Run":
+                    spans.append((start, start + event.duration_ps))
+                elif line.name.startswith("tf_Compute") and ":" in name and "::" not in name:
+                    ops.append((start, start + event.duration_ps, name))
+    windows: List[Tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if windows and start <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], max(end, windows[-1][1]))
+        else:
+            windows.append((start, end))
+    return ops, windows
+
+
+def attribute(ops, windows) -> Tuple[Dict[str, float], float, float]:
+    """Splits the wall time of `windows` among the ops running in it.
+
+    Each elementary interval between consecutive op boundaries is divided
+    equally among the ops active in it; time inside a window with no op
+    running goes to `GAPS`.
+
+    Returns:
+        `(seconds per op name, wall seconds of the windows, seconds summed over op durations)`.
+    """
+    shares: Dict[str, float] = collections.defaultdict(float)
+    ops = [(s, e, n) for s, e, n in ops if e > s]
+    wall = summed = 0.0
+    for window_start, window_end in windows:
+        wall += (window_end - window_start) * 1e-12
+        inside = [
+            (max(s, window_start), min(e, window_end), n) for s, e, n in ops if s < window_end and e > window_start
+        ]
+        summed += sum(e - s for s, e, _ in inside) * 1e-12
+        points = sorted({window_start, window_end, *(s for s, _, _ in inside), *(e for _, e, _ in inside)})
+        starts, ends = collections.defaultdict(list), collections.defaultdict(list)
+        for index, (s, e, _) in enumerate(inside):
+            starts[s].append(index)
+            ends[e].append(index)
+        active = set()
+        for left, right in zip(points[:-1], points[1:]):
+            active.difference_update(ends.get(left, ()))
+            active.update(starts.get(left, ()))
+            width = (right - left) * 1e-12
+            if not active:
+                shares[GAPS] += width
+            for index in active:
+                shares[inside[index][2]] += width / len(active)
+    return dict(shares), wall, summed
+
+
+def profile_step(model, call, steps: int) -> dict:
+    """Traces `steps` calls of the warmed-up `call`; returns seconds per step by kind and by BN op type."""
+    import tensorflow as tf
+
+    kinds = layer_kinds(model)
+    with tempfile.TemporaryDirectory(prefix="kerasbn-profile-") as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            for _ in range(steps):
+                call()
+        finally:
+            tf.profiler.experimental.stop()
+        ops, windows = trace_events(_read_xspace(logdir))
+    shares, wall, summed = attribute(ops, windows or [(min(s for s, _, _ in ops), max(e for _, e, _ in ops))])
+    by_kind: Dict[str, float] = collections.defaultdict(float)
+    bn_ops: Dict[str, float] = collections.defaultdict(float)
+    bn_op_count = sum(classify(op, kinds)[0] == "bn" for _, _, op in ops) / steps
+    for op, seconds in shares.items():
+        kind, direction = classify(op, kinds)
+        by_kind[kind] += seconds / steps
+        if kind == "bn":
+            bn_ops[f"{op.rsplit(':', 1)[-1]} ({direction})"] += seconds / steps
+    return {
+        "step_s": wall / steps,
+        "op_seconds_summed_per_step": summed / steps,
+        "by_kind": dict(by_kind),
+        "bn_by_op_type": dict(sorted(bn_ops.items(), key=lambda item: -item[1])),
+        "bn_ops_per_step": bn_op_count,
+    }
+
+
+def run(network: str, quick: bool, image_size: int, batch: int) -> dict:
+    from bench.models_worker import train_call
+    from bench.timing import Candidate, summarize, time_interleaved
+
+    started = time.perf_counter()
+    models, dataset = build(network, image_size, batch)
+    calls = {variant: train_call(model, _strategy(), dataset) for variant, model in models.items()}
+    timings = time_interleaved(
+        [Candidate(variant, call) for variant, call in calls.items()],
+        repeats=3 if quick else 10, min_repetition_s=0.3, warmup_calls=2,
+    )  # fmt: skip
+    steps = {variant: summarize(timing.seconds) for variant, timing in timings.items()}
+    profiles = {}
+    for variant, call in calls.items():
+        print(f"[profile] tracing {network} {variant}", file=sys.stderr, flush=True)
+        profiles[variant] = profile_step(models[variant], call, steps=2 if quick else 5)
+    import keras
+    import tensorflow as tf
+
+    from bench.machine import cpu_model, usable_cores
+
+    header = {
+        "network": network, "input": "28x28x1" if network == "lenet" else f"{image_size}x{image_size}x3",
+        "batch": batch, "quick": quick,
+        "machine": f"{cpu_model()}, {usable_cores()} cores", "tensorflow": tf.__version__, "keras": keras.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python -m bench.profile", *sys.argv[1:]]),
+        "load_average": [round(v, 2) for v in os.getloadavg()], "elapsed_s": time.perf_counter() - started,
+    }  # fmt: skip
+    return {"header": header, "steps": steps, "profiles": profiles}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def _table(header, rows) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def render(result: dict) -> str:
+    """The Markdown of `<network>_profile.md`."""
+    header, steps, profiles = result["header"], result["steps"], result["profiles"]
+    variants = list(profiles)
+    stock, bound = steps[STOCK]["median_s"], steps[BOUND]["median_s"]
+    lines = [
+        f"# {header['network']} training step: where the time goes",
+        "",
+        f"- {header['machine']}; TensorFlow {header['tensorflow']}, Keras {header['keras']}; {header['date']}; "
+        f"`{header['command']}`, {header['elapsed_s']:.0f} s; load {header['load_average']}"
+        + (" (**quick run: do not quote**)" if header["quick"] else ""),
+        f"- Input {header['input']}, batch {header['batch']}, float32, SGD, the models "
+        "suite's training step, one device.",
+        "",
+        "## Whole step (interleaved)",
+        "",
+    ]
+    rows = []
+    for variant, stats in steps.items():
+        share = (stats["median_s"] - bound) / (stock - bound) if stock != bound else float("nan")
+        rows.append([
+            variant, _ms(stats["median_s"]), f"{_ms(stats['min_s'])}-{_ms(stats['max_s'])}",
+            f"{stats['median_s'] / stock:.2f}x", f"{share:.2f}",
+        ])  # fmt: skip
+    lines += _table(["variant", "ms/step median", "min-max", "vs stock", "BN share"], rows)
+    lines += ["", "## Op profile per step (TF profiler; ops overlapping in time share it)", ""]
+    stock_kinds = profiles[STOCK]["by_kind"]
+    kinds = sorted({k for p in profiles.values() for k in p["by_kind"]}, key=lambda k: -stock_kinds.get(k, 0.0))
+
+    def kind_cell(variant: str, kind: str) -> str:
+        seconds = profiles[variant]["by_kind"].get(kind, 0.0)
+        return f"{_ms(seconds)} ({seconds / profiles[variant]['step_s']:.0%})"
+
+    rows = [[kind] + [kind_cell(v, kind) for v in variants] for kind in kinds]
+    rows.append(["**traced step**"] + [f"**{_ms(profiles[v]['step_s'])}**" for v in variants])
+    rows.append(["ops per step in BN scopes"] + [f"{profiles[v]['bn_ops_per_step']:.0f}" for v in variants])
+    lines += _table(["kind"] + [f"{v} ms (share)" for v in variants], rows)
+    lines += [
+        "",
+        "Traced steps are slower than the timed ones (the profiler's own cost). `gaps`: time in the step with no op "
+        "running on the executor's threads (launch, scheduling).",
+    ]
+    for variant in variants:
+        if profiles[variant]["bn_by_op_type"]:
+            top = list(profiles[variant]["bn_by_op_type"].items())[:8]
+            lines += ["", f"{variant}: BN time by op type (ms per step): " + ", ".join(f"{o} {_ms(t)}" for o, t in top)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--network", choices=["lenet", *NETWORKS], default="resnet50")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and traced steps")
+    parser.add_argument("--image-size", type=int, default=112, help="keras.applications networks only")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 for LeNet, 32 for the others")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bench/results)")
+    parser.add_argument(
+        "--no-remapper", action="store_true",
+        help="turn grappler's remapper off (it fuses FusedBatchNormV3 + Relu into _FusedBatchNormEx, and conv + bias "
+        "+ activation); writes <network>_no_remapper_profile.*",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.no_remapper:
+        import tensorflow as tf
+
+        tf.config.optimizer.set_experimental_options({"remapping": False})
+    batch = args.batch or (256 if args.network == "lenet" else 32)
+    result = run(args.network, args.quick, args.image_size, batch)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.network + ("_no_remapper" if args.no_remapper else "")
+    (out / f"{stem}_profile.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    text = render(result)
+    (out / f"{stem}_profile.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
