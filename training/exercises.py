@@ -299,7 +299,7 @@ def measure_biases(config: TrainConfig, run_dir: str) -> Dict:
         config.norm, config.bn_momentum, config.sync_bn,
         norm_places=config.norm_places, bias=config.bias, dropout=config.dropout, affine=config.affine,
     )
-    final = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    final = load_run_model(run_dir)
     batch = next(iter(data.make_dataset(
         "train", config.batch_size, training=True, data_dir=config.data_dir, limit=config.limit_train,
         seed=config.seed * 1000 + 1, drop_remainder=True,
@@ -325,6 +325,16 @@ def measure_biases(config: TrainConfig, run_dir: str) -> Dict:
     return {"layers": rows}
 
 
+def load_run_model(run_dir: str):
+    """The run's saved model (model.keras); kerasbn's layers must be registered before it loads."""
+    import keras
+
+    import kerasbn  # noqa: F401  (registers BatchNorm)
+    import kerasbn.experimental  # noqa: F401  (registers DecorrelatedBatchNorm)
+
+    return keras.models.load_model(os.path.join(run_dir, "model.keras"))
+
+
 def evaluate_saved_model(config: TrainConfig, run_dir: str) -> Tuple[float, int]:
     """Inference-mode accuracy of the run's saved model on the first training examples, and its parameter count.
 
@@ -338,7 +348,7 @@ def evaluate_saved_model(config: TrainConfig, run_dir: str) -> Tuple[float, int]
     import kerasbn  # noqa: F401  (registers kerasbn's layers for load_model)
     from training import data
 
-    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    model = load_run_model(run_dir)
     limit = min(config.limit_train or TRAIN_EVAL_EXAMPLES, TRAIN_EVAL_EXAMPLES)
     images, labels = data.load_arrays("train", data_dir=config.data_dir, limit=limit)
     correct = 0
