@@ -345,7 +345,6 @@ def evaluate_saved_model(config: TrainConfig, run_dir: str) -> Tuple[float, int]
     import keras
     import numpy as np
 
-    import kerasbn  # noqa: F401  (registers kerasbn's layers for load_model)
     from training import data
 
     model = load_run_model(run_dir)
