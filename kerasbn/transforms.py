@@ -150,8 +150,8 @@ def fold(model: keras.Model) -> keras.Model:
 
 
 def _fold(model, report, path):
-    pairs = _foldable_pairs(model)  # id(batch norm) -> producer
-    producers = {id(producer): bn for bn, producer in ((b, p) for b, p in pairs.values())}
+    pairs = _foldable_pairs(model)  # id(batch norm) -> (batch norm, producer)
+    producers = {id(producer): bn for bn, producer in pairs.values()}
 
     def clone(layer, layer_path):
         if id(layer) in producers:
