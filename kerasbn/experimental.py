@@ -30,7 +30,8 @@ from typing import Optional
 import keras
 from keras import constraints, initializers, ops, regularizers
 
-_LOW_PRECISION = ("float16", "bfloat16")
+from kerasbn.layer import _validate_epsilon, _validate_momentum
+from kerasbn.ops import statistics_dtype
 
 
 def covariance_moments(x, axis: int = -1):
@@ -164,13 +165,9 @@ class DecorrelatedBatchNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"`axis` must be one integer. Received: axis={axis!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum!r}")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
         self.axis = axis
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
+        self.momentum = _validate_momentum("momentum", momentum)
+        self.epsilon = _validate_epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -209,7 +206,7 @@ class DecorrelatedBatchNorm(keras.layers.Layer):
         training = bool(training) and self.trainable
         # Statistics in float32 for float16/bfloat16 inputs: the covariance's
         # sums of products overflow float16, and eigh needs the precision.
-        compute_dtype = "float32" if keras.backend.standardize_dtype(inputs.dtype) in _LOW_PRECISION else inputs.dtype
+        compute_dtype = statistics_dtype(inputs.dtype)
         x = ops.cast(inputs, compute_dtype)
         if training:
             mean, covariance = covariance_moments(x, self.axis)

@@ -181,9 +181,7 @@ class BatchNorm(keras.layers.Layer):
         self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
         self._axis_list = _validate_axis(axis)
         self.momentum = _validate_momentum("momentum", momentum)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
-        self.epsilon = float(epsilon)
+        self.epsilon = _validate_epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -817,6 +815,12 @@ def _validate_axis(axis):
     if len(set(values)) != len(values):
         raise ValueError(f"`axis` must not repeat an axis. Received: axis={axis!r}")
     return values
+
+
+def _validate_epsilon(epsilon):
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
+    return float(epsilon)
 
 
 def _validate_momentum(name, value):
