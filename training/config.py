@@ -159,3 +159,27 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m trai
     )
     add_flags(parser)
     return config_from_args(parser.parse_args(argv)).validate()
+
+
+def run_cli(parse_args, run, argv=None) -> int:
+    """A driver's `main`: parse the flags, run, and turn the expected failures into one line.
+
+    Returns 0 on success, 2 for a bad flag (`ConfigError`), 1 for a data or
+    export error; any other exception keeps its traceback.
+    """
+    import sys
+
+    try:
+        run(parse_args(argv))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # data and export errors: one clear line, not a traceback
+        from training.data import DataError
+        from training.export import ExportError
+
+        if isinstance(error, (DataError, ExportError)):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        raise
+    return 0

@@ -32,7 +32,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from training import artifacts
-from training.config import ConfigError, TrainConfig, add_flags, config_from_args
+from training.config import ConfigError, TrainConfig, add_flags, config_from_args, run_cli
 
 # The tuning search's best learning rate without BN (README, "Tuning the learning rate").
 NO_BN_BEST_LR = 1.43
@@ -717,20 +717,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ExercisesConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        config = parse_args(argv)
-        run(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:
-        from training.data import DataError
-
-        if isinstance(error, DataError):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from training.config import ConfigError, TrainConfig, parse_args
+from training.config import ConfigError, TrainConfig, parse_args, run_cli
 
 HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_loss", "test_acc", "examples_per_sec", "seconds")
 # Settings that may change when a run folder is resumed; any other change is refused.
@@ -200,21 +200,7 @@ def _worker_index() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        config = parse_args(argv)
-        run(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # data and export errors: one clear line, not a traceback
-        from training.data import DataError
-        from training.export import ExportError
-
-        if isinstance(error, (DataError, ExportError)):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
