@@ -5,7 +5,8 @@
 """
 
 from kerasbn.affine import Affine
-from kerasbn.distributed import cross_replica_moments
+from kerasbn import callbacks
+from kerasbn.distributed import count_cross_replica_calls, cross_replica_moments, sync_moving_statistics
 from kerasbn.transforms import FoldReport, convert, fold
 from kerasbn.layer import BatchNorm
 from kerasbn.ops import fold_affine, fold_into_kernel, moments, normalize
@@ -17,7 +18,9 @@ __all__ = [
     "Affine",
     "BatchNorm",
     "FoldReport",
+    "callbacks",
     "convert",
+    "count_cross_replica_calls",
     "cross_replica_moments",
     "fold",
     "fold_affine",
@@ -25,5 +28,6 @@ __all__ = [
     "moments",
     "normalize",
     "recompute_statistics",
+    "sync_moving_statistics",
     "__version__",
 ]

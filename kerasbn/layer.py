@@ -93,13 +93,16 @@ class BatchNorm(keras.layers.Layer):
 
     Beyond the stock layer:
 
-    * **Distribution-correct moving statistics.** Under a `tf.distribute`
-      strategy with `synchronized=False`, each replica normalizes with its own
-      batch statistics, but the moving statistics are updated with the
-      cross-replica mean of the replicas' updates, so every replica (and a
-      saved model) holds the same values. With `synchronized=True` the batch
-      statistics are those of the global batch (two all-reduces, exact also
-      when replicas hold different numbers of examples).
+    * **A distribution contract.** Under a `tf.distribute` strategy a
+      training step with `synchronized=False` makes no cross-replica call, and
+      inference inside a replica makes none either (it reads that replica's
+      copy of the moving statistics, so it runs in RNN cells, control flow and
+      nested `tf.function`s); `kerasbn.sync_moving_statistics` hands the copies
+      over to their cross-replica mean in one collective for the whole model,
+      and reads outside replicas never hang a worker. `synchronized=True`
+      computes the global batch's statistics with one all-gather forward and
+      one all-reduce backward, exact also when replicas hold different numbers
+      of examples. `kerasbn/distributed.py` states the contract.
     * **Several feature axes**: `axis` may be a list, e.g. `[1, 3]`.
     * **Ghost batch norm**: `virtual_batch_size` normalizes sub-batches of
       that size independently.
@@ -275,20 +278,24 @@ class BatchNorm(keras.layers.Layer):
                 trainable=True,
                 **weight,
             )
-        # Moving statistics under a tf.distribute strategy: each replica
-        # updates its own copy (synchronization "on_read", no cross-device
-        # traffic in the training step), and every read outside the replicas
-        # (get_weights, checkpoints, saving, export) returns the mean over
-        # replicas. The moving average is linear, so that mean is exactly the
-        # moving average of the replicas' mean statistics; inference inside a
-        # replica reads the same mean (`_moving_statistics`). The stock layer
-        # instead lets replicas drift and saves replica 0's values. Renorm
-        # uses its statistics in training, so there every write is averaged
+        # Moving statistics under a tf.distribute strategy: per-replica
+        # ("on_read") variables, so a training step updates and inference
+        # reads each replica's own copy with no cross-replica call; the
+        # handover (`kerasbn.sync_moving_statistics`) sets the copies to their
+        # mean. kerasbn/distributed.py states the whole contract. Renorm uses
+        # its statistics in training, so there every write is averaged
         # ("on_write", one reduction per variable).
-        sync = "on_write" if self.renorm else "on_read"
-        self.moving_mean = self._add_statistic("moving_mean", self.moving_mean_initializer, param_shape, sync)
+        if self.renorm:
+            sync, aggregation = "on_write", "mean"
+        else:
+            from kerasbn.distributed import moving_statistics_aggregation
+
+            sync, aggregation = "on_read", moving_statistics_aggregation()
+        self.moving_mean = self._add_statistic(
+            "moving_mean", self.moving_mean_initializer, param_shape, sync, aggregation
+        )
         self.moving_variance = self._add_statistic(
-            "moving_variance", self.moving_variance_initializer, param_shape, sync
+            "moving_variance", self.moving_variance_initializer, param_shape, sync, aggregation
         )
         stat = dict(trainable=False, aggregation="mean", **weight)
         if self.renorm:
@@ -318,8 +325,8 @@ class BatchNorm(keras.layers.Layer):
                 f"renorm={self.renorm}, virtual_batch_size={self.virtual_batch_size}, epsilon={self.epsilon}"
             )
 
-    def _add_statistic(self, name, initializer, shape, synchronization):
-        """A non-trainable float32-or-variable-dtype statistic, averaged across replicas on read or write.
+    def _add_statistic(self, name, initializer, shape, synchronization, aggregation):
+        """A non-trainable statistic in the variable dtype, with its tf.distribute synchronization.
 
         `add_weight` takes no `synchronization`, so the variable is made and
         tracked here, in the same order and name scope as `add_weight` would.
@@ -331,34 +338,12 @@ class BatchNorm(keras.layers.Layer):
                 dtype=self.variable_dtype,
                 trainable=False,
                 autocast=False,
-                aggregation="mean",
+                aggregation=aggregation,
                 synchronization=synchronization,
                 name=name,
             )
         self._track_variable(variable)
         return variable
-
-    def _moving_statistics(self):
-        """`(moving_mean, moving_variance)` as this replica should use them: the cross-replica mean.
-
-        Inside a replica of several, an "on_read" variable reads as this
-        replica's own copy; one all-reduce of both statistics gives the mean
-        that every read outside the replicas returns.
-        """
-        mean, variance = self.moving_mean, self.moving_variance
-        if is_tensorflow() and not self.renorm:
-            from kerasbn.distributed import replica_context
-
-            context = replica_context()
-            if context is not None:
-                import tensorflow as tf
-
-                # Placed on this replica's copy: MultiWorkerMirroredStrategy's
-                # all-reduce needs tensors that name their device.
-                with tf.device(mean.value.device):
-                    local = [tf.identity(mean.value), tf.identity(variance.value)]
-                mean, variance = context.all_reduce(tf.distribute.ReduceOp.MEAN, local)
-        return mean, variance
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -381,7 +366,7 @@ class BatchNorm(keras.layers.Layer):
         dtype = bn_ops.statistics_dtype(inputs.dtype)
         a, b = bn_ops.fold_affine(
             *(bn_ops.cast_optional(p, dtype) for p in (
-                *self._moving_statistics(), self.gamma, self.beta
+                self.moving_mean, self.moving_variance, self.gamma, self.beta
             )),
             epsilon=self.epsilon,
         )
@@ -554,11 +539,11 @@ class BatchNorm(keras.layers.Layer):
         0.99 keeps 99% of the running estimate and takes 1% of `value`.
         PyTorch's `momentum` weighs the new value instead (its 0.1 is 0.9 here).
 
-        Inside a replica of a `tf.distribute` strategy each replica updates
-        its own copy of a moving statistic (no cross-device traffic); every
-        read returns the mean of the copies, which, the update being linear,
-        is the update with the cross-replica mean of `value`. (Renorm
-        statistics are averaged as they are written.)
+        Inside a replica of a `tf.distribute` strategy this updates that
+        replica's own copy of a moving statistic (no cross-device traffic);
+        `kerasbn.sync_moving_statistics` later sets every copy to their mean,
+        which, the update being linear, is the update with the cross-replica
+        mean of `value`. (Renorm statistics are averaged as they are written.)
 
         Args:
             variable: A moving-statistics variable of this layer.

@@ -100,19 +100,16 @@ def per_replica(strategy, value):
 
 
 def statistics_views(strategy, layer, name):
-    """The value of a kerasbn.BatchNorm's moving statistic `name` as each replica of this process reads it.
+    """The moving statistic `name` of a kerasbn.BatchNorm as each replica of this process reads it.
 
-    kerasbn keeps a copy per replica that reads as the cross-replica mean
-    (`BatchNorm._moving_statistics`, which inference uses); this is what each
-    replica normalizes with.
+    Inside a replica a read is that replica's own copy (no cross-replica
+    call): what inference there normalizes with.
     """
     import tensorflow as tf
 
-    index = ("moving_mean", "moving_variance").index(name)
-
     @tf.function
     def views():
-        return strategy.run(lambda: layer._moving_statistics()[index])
+        return strategy.run(lambda: tf.identity(getattr(layer, name).value))
 
     return per_replica(strategy, views())
 
@@ -281,6 +278,13 @@ def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True
             if stock is not None:
                 for copy, value in enumerate(variable_replicas(getattr(stock, name))):
                     results[f"stock.s{step}.copy{copy}.{name}"] = value
+    # A read outside replicas before the handover, then the handover itself.
+    for name in ("moving_mean", "moving_variance"):
+        results[f"{prefix}.read_before_handover.{name}"] = np.asarray(getattr(layer, name).numpy())
+    results[f"{prefix}.handover_variables"] = np.asarray(kerasbn.sync_moving_statistics(model))
+    for name in ("moving_mean", "moving_variance"):
+        for copy, value in enumerate(statistics_views(strategy, layer, name)):
+            results[f"{prefix}.handover.copy{copy}.{name}"] = value
     return model
 
 
@@ -404,7 +408,8 @@ def run_fit_and_recompute(strategy, seed, results):
         # Keras 3.15's fit fails (AddN of unequal shapes, with any layer) when
         # the replica count does not divide the global batch, so split evenly.
         history = model.fit(
-            x, y, batch_size=4 * strategy.num_replicas_in_sync, epochs=2, shuffle=False, verbose=0
+            x, y, batch_size=4 * strategy.num_replicas_in_sync, epochs=2, shuffle=False, verbose=0,
+            callbacks=[kerasbn.callbacks.SyncMovingStatistics()],
         )
         results[f"{prefix}.loss"] = np.asarray(history.history["loss"])
         for name in ("moving_mean", "moving_variance"):

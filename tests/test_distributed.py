@@ -214,13 +214,20 @@ def check_synchronized(results, replicas):
     return moving_mean, moving_variance, gamma, beta
 
 
-def check_unsynchronized(results, replicas):
-    """synchronized=False: local normalization, moving statistics the mean of the replicas' updates."""
+def check_unsynchronized(results, replicas, workers=1):
+    """synchronized=False: local normalization; each replica's own moving statistics until the handover.
+
+    Each replica's copy is the moving average of its own batch statistics
+    (no cross-replica call in the step); `sync_moving_statistics` then sets
+    every copy to their mean. A read outside replicas before the handover is
+    the mean of the copies in one process (MirroredStrategy), and this
+    worker's own copy under MultiWorkerMirroredStrategy (never a collective).
+    """
     gamma, beta, moving_mean, moving_variance = _initial()
+    copies = [(moving_mean, moving_variance)] * replicas
     for step, sizes in enumerate(worker.SPLITS[replicas]):
         key = f"unsync.s{step}"
         where = f"synchronized=False, {replicas} replicas, step {step}, slices {sizes}"
-        local_means, local_variances = [], []
         for r in range(replicas):
             x = results[f"{key}.r{r}.inputs"]
             assert len(x) == sizes[r], where
@@ -232,11 +239,32 @@ def check_unsynchronized(results, replicas):
             np_outputs = np_train_forward_backward(x, np.zeros_like(x), gamma, beta)[0]
             np.testing.assert_allclose(outputs, np_outputs, **CLOSED_FORM_TOL, err_msg=f"{where}: replica {r}")
             local_mean, local_variance = np_moments(x)
-            local_means.append(local_mean)
-            local_variances.append(local_variance)
-        moving_mean = MOMENTUM * moving_mean + (1 - MOMENTUM) * np.mean(local_means, axis=0)
-        moving_variance = MOMENTUM * moving_variance + (1 - MOMENTUM) * np.mean(local_variances, axis=0)
-        _assert_copies_agree(results, key, replicas, moving_mean, moving_variance, CLOSED_FORM_TOL, where)
+            old_mean, old_variance = copies[r]
+            copies[r] = (
+                MOMENTUM * old_mean + (1 - MOMENTUM) * local_mean,
+                MOMENTUM * old_variance + (1 - MOMENTUM) * local_variance,
+            )
+            for index, name in enumerate(("moving_mean", "moving_variance")):
+                np.testing.assert_allclose(
+                    results[f"{key}.copy{r}.{name}"], copies[r][index], **CLOSED_FORM_TOL,
+                    err_msg=f"{where}: replica {r}'s own {name}",
+                )
+    moving_mean = np.mean([c[0] for c in copies], axis=0)
+    moving_variance = np.mean([c[1] for c in copies], axis=0)
+    assert np.max(np.abs(copies[0][0] - copies[-1][0])) > 0.05, "the copies did not drift: a weak test"
+    expected = {"moving_mean": moving_mean, "moving_variance": moving_variance}
+    assert int(results["unsync.handover_variables"]) == 2
+    _assert_copies_agree(results, "unsync.handover", replicas, moving_mean, moving_variance, CLOSED_FORM_TOL,
+                         "after sync_moving_statistics")
+    for index, name in enumerate(("moving_mean", "moving_variance")):
+        if workers == 1:
+            np.testing.assert_allclose(results[f"unsync.read_before_handover.{name}"], expected[name],
+                                       **CLOSED_FORM_TOL, err_msg=f"a read of {name} outside replicas")
+        else:
+            for w in range(workers):
+                np.testing.assert_allclose(results[f"unsync.read_before_handover.{name}.worker{w}"],
+                                           copies[w][index], **CLOSED_FORM_TOL,
+                                           err_msg=f"worker {w}'s read of {name}: its own copy")
     return moving_mean, moving_variance
 
 
@@ -297,8 +325,9 @@ def test_saved_model_holds_agreed_moving_statistics(mirrored):
             for name, value in weights.items():
                 saved = results[f"saved.{scenario}.{source}.{name}"]
                 np.testing.assert_allclose(saved, value, **CLOSED_FORM_TOL, err_msg=f"{scenario} {source} {name}")
+            copies_key = f"{scenario}.s{last}" if scenario == "sync" else "unsync.handover"
             for name in ("moving_mean", "moving_variance"):
-                for copy, value in enumerate(_copies(results, f"{scenario}.s{last}", name, replicas)):
+                for copy, value in enumerate(_copies(results, copies_key, name, replicas)):
                     # Both are the mean over the replicas' copies, summed in another
                     # order (3 replicas: one float32 ulp apart).
                     np.testing.assert_allclose(
@@ -354,8 +383,7 @@ def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
     """Uneven small global batches: a replica with one example trains on, one with none adds no NaN.
 
     synchronized=False: each replica updates its own copy with its local
-    statistics, an empty slice leaves its copy as it was, and every replica
-    reads the mean of the copies.
+    statistics, and an empty slice leaves its copy as it was.
     synchronized=True: the statistics of the global batch, as on one device.
     """
     replicas, results = mirrored
@@ -392,12 +420,16 @@ def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
                     MOMENTUM * old_mean + (1 - MOMENTUM) * mean,
                     MOMENTUM * old_variance + (1 - MOMENTUM) * variance,
                 )
-            moving_mean = np.mean([c[0] for c in copies], axis=0)
-            moving_variance = np.mean([c[1] for c in copies], axis=0)
         for name in ("moving_mean", "moving_variance"):
             for copy in _copies(results, key, name, replicas):
                 assert np.all(np.isfinite(copy)), f"{where}: {name} {copy}"
-        _assert_copies_agree(results, key, replicas, moving_mean, moving_variance, CLOSED_FORM_TOL, where)
+        if synchronized:
+            _assert_copies_agree(results, key, replicas, moving_mean, moving_variance, CLOSED_FORM_TOL, where)
+        else:
+            for r in range(replicas):
+                for index, name in enumerate(("moving_mean", "moving_variance")):
+                    np.testing.assert_allclose(results[f"{key}.copy{r}.{name}"], copies[r][index],
+                                               **CLOSED_FORM_TOL, err_msg=f"{where}: replica {r}'s own {name}")
 
 
 def test_fused_true_raises_for_cross_replica_statistics(mirrored):
@@ -466,7 +498,9 @@ def test_multi_worker_mirrored_strategy(tmp_path):
         assert int(results["num_replicas"]) == workers
         assert int(results["task_index"]) == index
         for key, value in results.items():
-            if ".copy0." in key:  # each worker holds one replica's copy of each variable
+            if "read_before_handover" in key:  # this worker's own read
+                merged[f"{key}.worker{index}"] = value
+            elif ".copy0." in key:  # each worker holds one replica's copy of each variable
                 merged[key.replace(".copy0.", f".copy{index}.")] = value
             elif key in merged and key not in ("task_index",):
                 # Shared keys (the single-device references) agree across workers.
@@ -474,4 +508,4 @@ def test_multi_worker_mirrored_strategy(tmp_path):
             else:
                 merged[key] = value
     check_synchronized(merged, workers)
-    check_unsynchronized(merged, workers)
+    check_unsynchronized(merged, workers, workers=workers)
