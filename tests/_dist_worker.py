@@ -431,6 +431,145 @@ def run_fit_and_recompute(strategy, seed, results):
             )
 
 
+# Masked, mixed-precision synchronized statistics: (batch, time, channels) float16
+# inputs with a (batch, time) mask, on uneven slices including an empty one.
+MASKED_SHAPE = (5, 3)
+MASKED_SPLITS = {2: [[3, 0], [1, 4]], 3: [[2, 0, 3], [1, 1, 4]]}
+
+
+def contract_model(kind, layers, strategy):
+    """Conv2D + batch norm, `layers` times, for counting cross-replica calls; with its optimizer."""
+    import keras
+
+    import kerasbn
+
+    with strategy.scope():
+        stack = [keras.Input(FEATURE_SHAPE)]
+        for _ in range(layers):
+            norm = (
+                keras.layers.BatchNormalization(synchronized=True)
+                if kind == "stock_sync"
+                else kerasbn.BatchNorm(synchronized=kind == "kerasbn_sync")
+            )
+            stack += [keras.layers.Conv2D(CHANNELS, 1), norm]
+        model = keras.Sequential(stack + [keras.layers.Flatten(), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(LEARNING_RATE)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def run_contract_counts(strategy, seed, results):
+    """Cross-replica calls of a traced training step and inference step, for 1 and 3 batch-norm layers."""
+    import tensorflow as tf
+
+    import kerasbn
+
+    slices, upstreams = make_steps(SPLITS[strategy.num_replicas_in_sync], seed)[1]
+    x, target = distribute(strategy, slices), distribute(strategy, [u[:, 0, 0, :1] for u in upstreams])
+    for kind in ("stock_sync", "kerasbn_sync", "kerasbn_unsync"):
+        for layers in (1, 3):
+            model, optimizer = contract_model(kind, layers, strategy)
+
+            def replica_train(x, target, model=model, optimizer=optimizer):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(tf.square(model(x, training=True) - target))
+                gradients = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+                return loss
+
+            train = tf.function(lambda x, t, f=replica_train: strategy.run(f, args=(x, t)))
+            infer = tf.function(lambda x, m=model: strategy.run(lambda v: m(v, training=False), args=(x,)))
+            for step, function, args in (("train", train, (x, target)), ("infer", infer, (x,))):
+                with kerasbn.count_cross_replica_calls() as counts:
+                    function.get_concrete_function(*args)
+                function(*args)  # and it runs
+                for name, count in counts.items():
+                    results[f"counts.{kind}.{layers}.{step}.{name}"] = np.asarray(count)
+
+
+def run_inference_anywhere(strategy, seed, results):
+    """Inference inside replicas where a collective cannot go: an RNN cell, a nested tf.function, predict."""
+    import keras
+    import tensorflow as tf
+
+    import kerasbn
+    from _dist_cell import NormalizedCell
+
+    rng = np.random.default_rng(seed)
+    replicas = strategy.num_replicas_in_sync
+    sequences = rng.normal(size=(2 * replicas, 4, 3)).astype("float32")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4, 3)), keras.layers.RNN(NormalizedCell(5))])
+        norm = model.layers[0].cell.norm
+        norm.moving_mean.assign(rng.normal(size=5).astype("float32"))
+        norm.moving_variance.assign((0.5 + rng.uniform(size=5)).astype("float32"))
+    results["anywhere.inputs"] = sequences
+    results["anywhere.reference"] = np.asarray(model(sequences, training=False))
+    slices = np.split(sequences, replicas)
+
+    @tf.function
+    def rnn_step(x):
+        return strategy.run(lambda v: model(v, training=False), args=(x,))
+
+    results["anywhere.rnn"] = np.concatenate(per_replica(strategy, rnn_step(distribute(strategy, slices))))
+    results["anywhere.predict"] = np.asarray(model.predict(sequences, batch_size=2 * replicas, verbose=0))
+
+    with strategy.scope():
+        layer = kerasbn.BatchNorm()
+        layer.build((None, 5))
+        layer.moving_mean.assign(rng.normal(size=5).astype("float32"))
+    features = rng.normal(size=(2 * replicas, 5)).astype("float32")
+    nested = strategy.run(tf.function(lambda v: layer.inference_function(v)),
+                          args=(distribute(strategy, np.split(features, replicas)),))
+    results["anywhere.inference_function"] = np.concatenate(per_replica(strategy, nested))
+    results["anywhere.inference_reference"] = np.asarray(layer(features, training=False))
+
+
+def run_masked_mixed(strategy, seed, results):
+    """synchronized=True under mixed_float16 with a mask, on uneven slices (one of them empty)."""
+    import keras
+    import tensorflow as tf
+
+    import kerasbn
+
+    rng = np.random.default_rng(seed)
+    channels = MASKED_SHAPE[-1]
+    with strategy.scope():
+        layer = kerasbn.BatchNorm(synchronized=True, momentum=MOMENTUM, epsilon=EPSILON, dtype="mixed_float16")
+        layer.build((None,) + MASKED_SHAPE)
+        layer.set_weights(initial_weights(seed))
+
+    @tf.function
+    def step(x, mask, upstream):
+        def replica_fn(x, mask, upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                outputs = layer(x, training=True, mask=mask)
+                loss = tf.reduce_sum(tf.cast(outputs, tf.float32) * upstream)
+            return tf.distribute.get_replica_context().replica_id_in_sync_group, outputs, tape.gradient(loss, x)
+
+        return strategy.run(replica_fn, args=(x, mask, upstream))
+
+    for index, sizes in enumerate(MASKED_SPLITS[strategy.num_replicas_in_sync]):
+        total = sum(sizes)
+        x = (rng.normal(size=(total,) + MASKED_SHAPE) * 3.0 + 50.0).astype("float16")
+        mask = rng.uniform(size=(total, MASKED_SHAPE[0])) > 0.3
+        mask[:, 0] = True
+        x[~mask] = 1000.0  # padding far off: it must not leak into the statistics
+        upstream = rng.normal(size=x.shape).astype("float32")
+        bounds = np.cumsum([0] + sizes)
+        pieces = [[a[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] for a in (x, mask, upstream)]
+        ids, outputs, grads = (per_replica(strategy, v) for v in step(*(distribute(strategy, p) for p in pieces)))
+        order = np.argsort([int(i) for i in ids])
+        key = f"masked.s{index}"
+        results[f"{key}.inputs"], results[f"{key}.mask"], results[f"{key}.upstream"] = x, mask, upstream
+        results[f"{key}.outputs"] = np.concatenate([outputs[i] for i in order]).astype("float32")
+        results[f"{key}.input_grad"] = np.concatenate([grads[i] for i in order]).astype("float32")
+        results[f"{key}.moving_mean"] = np.asarray(layer.moving_mean.numpy())
+        results[f"{key}.moving_variance"] = np.asarray(layer.moving_variance.numpy())
+        assert channels == len(results[f"{key}.moving_mean"])
+
+
 def mirrored(args):
     import tensorflow as tf
 
@@ -452,6 +591,9 @@ def mirrored(args):
     record_saved_model(sync_model, os.path.join(args.workdir, "sync.keras"), results, "saved.sync")
     record_saved_model(unsync_model, os.path.join(args.workdir, "unsync.keras"), results, "saved.unsync")
     run_edges(strategy, args.seed, results)
+    run_contract_counts(strategy, args.seed, results)
+    run_inference_anywhere(strategy, args.seed, results)
+    run_masked_mixed(strategy, args.seed, results)
     if not args.skip_fit:
         run_fit_and_recompute(strategy, args.seed, results)
     return results

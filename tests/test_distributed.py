@@ -440,6 +440,82 @@ def test_fused_true_raises_for_cross_replica_statistics(mirrored):
     ) in str(results["edges.fused_true_error"])
 
 
+# ------------------------------------------------------------- the contract's costs
+
+
+def _per_layer(results, kind, step):
+    """Cross-replica calls per batch-norm layer (3 layers minus 1, halved) and the 1-layer total, by kind."""
+    names = ("all_reduce", "all_gather", "reduce_to", "batch_reduce_to")
+    one = {n: int(results[f"counts.{kind}.1.{step}.{n}"]) for n in names}
+    three = {n: int(results[f"counts.{kind}.3.{step}.{n}"]) for n in names}
+    per_layer = {n: (three[n] - one[n]) / 2 for n in names}
+    return per_layer, one
+
+
+def test_cross_replica_calls_per_step(mirrored):
+    """synchronized=True: 2 per layer (stock: 5); synchronized=False: 0; inference: 0 at all."""
+    _, results = mirrored
+    sync, _ = _per_layer(results, "kerasbn_sync", "train")
+    assert sync == {"all_reduce": 1, "all_gather": 1, "reduce_to": 0, "batch_reduce_to": 0}, sync
+    unsync, unsync_total = _per_layer(results, "kerasbn_unsync", "train")
+    assert sum(unsync.values()) == 0, unsync
+    # What is left in the step is the optimizer's one batched gradient all-reduce.
+    assert unsync_total == {"all_reduce": 1, "all_gather": 0, "reduce_to": 0, "batch_reduce_to": 0}, unsync_total
+    stock, _ = _per_layer(results, "stock_sync", "train")
+    assert sum(stock.values()) == 5, f"stock synchronized BN per layer: {stock} (the README quotes 5)"
+    for kind in ("kerasbn_sync", "kerasbn_unsync"):
+        for layers in (1, 3):
+            for name in ("all_reduce", "all_gather", "reduce_to", "batch_reduce_to"):
+                assert int(results[f"counts.{kind}.{layers}.infer.{name}"]) == 0, (kind, layers, name)
+
+
+def test_inference_inside_replicas_where_no_collective_can_go(mirrored):
+    """An RNN cell's while loop, a nested tf.function around inference_function, and predict."""
+    _, results = mirrored
+    reference = results["anywhere.reference"]
+    np.testing.assert_allclose(results["anywhere.rnn"], reference, **LAYER_TOL, err_msg="RNN cell in strategy.run")
+    np.testing.assert_allclose(results["anywhere.predict"], reference, **LAYER_TOL, err_msg="predict")
+    np.testing.assert_allclose(
+        results["anywhere.inference_function"], results["anywhere.inference_reference"], **LAYER_TOL,
+        err_msg="strategy.run(tf.function(inference_function))",
+    )
+
+
+def _np_masked_reference(x, mask, upstream, gamma, beta):
+    """Float64 masked global-batch normalization of (batch, time, C) and the gradient of sum(upstream * y)."""
+    x = np.asarray(x, np.float64)
+    keep = np.broadcast_to(mask[..., None], x.shape)
+    count = keep.sum(axis=(0, 1))
+    mean = np.where(keep, x, 0.0).sum(axis=(0, 1)) / count
+    variance = (np.where(keep, x - mean, 0.0) ** 2).sum(axis=(0, 1)) / count
+    inv_std = 1.0 / np.sqrt(variance + EPSILON)
+    outputs = gamma * (x - mean) * inv_std + beta
+    # Every position's output depends on the statistics; only kept positions shape them.
+    grad_mean = -gamma * inv_std * upstream.sum(axis=(0, 1))
+    grad_variance = -0.5 * gamma * inv_std**3 * (upstream * (x - mean)).sum(axis=(0, 1))
+    dx = gamma * inv_std * upstream + keep * (grad_mean + 2.0 * grad_variance * (x - mean)) / count
+    return outputs, dx, mean, variance
+
+
+def test_synchronized_masked_mixed_precision_against_float64(mirrored):
+    """mixed_float16, a mask over far-off padding, uneven slices with an empty one: the global batch's numbers."""
+    replicas, results = mirrored
+    gamma, beta, moving_mean, moving_variance = _initial()
+    for step, sizes in enumerate(worker.MASKED_SPLITS[replicas]):
+        key = f"masked.s{step}"
+        x, mask, upstream = results[f"{key}.inputs"], results[f"{key}.mask"], results[f"{key}.upstream"]
+        outputs, dx, mean, variance = _np_masked_reference(x, mask, upstream, gamma, beta)
+        where = f"{replicas} replicas, slices {sizes}"
+        # float16 outputs and input gradients: half a float16 ulp is 5e-4 relative.
+        np.testing.assert_allclose(results[f"{key}.outputs"], outputs, rtol=2e-3, atol=2e-3, err_msg=where)
+        np.testing.assert_allclose(results[f"{key}.input_grad"], dx, rtol=5e-3, atol=2e-3, err_msg=where)
+        moving_mean = MOMENTUM * moving_mean + (1 - MOMENTUM) * mean
+        moving_variance = MOMENTUM * moving_variance + (1 - MOMENTUM) * variance
+        np.testing.assert_allclose(results[f"{key}.moving_mean"], moving_mean, rtol=1e-5, atol=1e-4, err_msg=where)
+        np.testing.assert_allclose(results[f"{key}.moving_variance"], moving_variance, rtol=1e-5, atol=1e-4,
+                                   err_msg=where)
+
+
 # ----------------------------------------------------- MultiWorkerMirroredStrategy
 
 
