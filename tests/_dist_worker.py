@@ -609,8 +609,36 @@ def multi_worker(args):
         "task_index": np.asarray(strategy.cluster_resolver.task_id),
     }
     run_synchronized(strategy, args.seed, results)
-    run_unsynchronized(strategy, args.seed, results, with_stock=False)
+    model = run_unsynchronized(strategy, args.seed, results, with_stock=False)
+    if args.chief_alone:
+        run_chief_alone(strategy, model, results, args)
     return results
+
+
+def run_chief_alone(strategy, model, results, args):
+    """The chief reads, saves and hands over alone while the other worker stays alive but idle.
+
+    Reads and saves must return at once (no collective); the handover, a
+    collective, must raise within its timeout instead of waiting forever.
+    """
+    import kerasbn
+
+    if strategy.cluster_resolver.task_id != 0:
+        time.sleep(args.chief_alone)  # alive, joining nothing, until the chief is done
+        return
+    began = time.perf_counter()
+    results["alone.weights"] = np.concatenate([np.ravel(w) for w in model.get_weights()])
+    results["alone.read_seconds"] = np.asarray(time.perf_counter() - began)
+    began = time.perf_counter()
+    model.save(os.path.join(os.path.dirname(os.path.abspath(args.out)), "chief-alone.keras"))
+    results["alone.save_seconds"] = np.asarray(time.perf_counter() - began)
+    began = time.perf_counter()
+    try:
+        kerasbn.sync_moving_statistics(model, timeout_seconds=5)
+        results["alone.sync_error"] = np.asarray("")
+    except RuntimeError as error:
+        results["alone.sync_error"] = np.asarray(str(error))
+    results["alone.sync_seconds"] = np.asarray(time.perf_counter() - began)
 
 
 def main(argv=None):
@@ -621,6 +649,8 @@ def main(argv=None):
     parser.add_argument("--workdir", default=None, help="where .keras files go (mirrored mode)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--skip-fit", action="store_true", help="skip the model.fit / recompute part")
+    parser.add_argument("--chief-alone", type=float, default=0.0,
+                        help="multi-worker: the chief reads, saves and syncs alone; the other worker idles this long")
     args = parser.parse_args(argv)
     if args.workdir is None:
         args.workdir = os.path.dirname(os.path.abspath(args.out))

@@ -532,10 +532,18 @@ def _free_ports(count: int) -> list:
             sock.close()
 
 
+CHIEF_ALONE_IDLE_S = 40  # how long the second worker stays alive, idle, while the chief works alone
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout to bound the workers")
 def test_multi_worker_mirrored_strategy(tmp_path):
-    """Two workers on 127.0.0.1 end with equal moving statistics and the single-process results."""
+    """Two workers on 127.0.0.1: the single-process results, the handover, and the chief alone.
+
+    The chief alone (the other worker alive but idle) reads `get_weights()`
+    and saves a .keras file at once, and `sync_moving_statistics` raises
+    within its 5 s timeout instead of hanging.
+    """
     workers = 2
     addresses = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
     processes, logs = [], []
@@ -548,12 +556,13 @@ def test_multi_worker_mirrored_strategy(tmp_path):
             log = open(tmp_path / f"worker{index}.log", "wb")
             logs.append(log)
             # TensorFlow catches SIGTERM; -k sends SIGKILL 5 s later.
-            command = ["timeout", "-k", "5", "120", sys.executable, str(WORKER), "multi-worker"]
+            command = ["timeout", "-k", "5", "180", sys.executable, str(WORKER), "multi-worker"]
             command += ["--seed", str(SEED), "--out", str(tmp_path / f"worker{index}.npz")]
+            command += ["--chief-alone", str(CHIEF_ALONE_IDLE_S)]
             processes.append(
                 subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
             )
-        codes = [process.wait(timeout=150) for process in processes]
+        codes = [process.wait(timeout=200) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
@@ -584,4 +593,19 @@ def test_multi_worker_mirrored_strategy(tmp_path):
             else:
                 merged[key] = value
     check_synchronized(merged, workers)
-    check_unsynchronized(merged, workers, workers=workers)
+    mean, variance = check_unsynchronized(merged, workers, workers=workers)
+
+    # The chief alone, with the other worker alive and idle: reads and saves
+    # return at once and hold the handed-over mean; the handover raises.
+    chief = per_worker[0]
+    print(f"chief alone: read {float(chief['alone.read_seconds']):.3f} s, save {float(chief['alone.save_seconds']):.3f} s, "
+          f"handover raised after {float(chief['alone.sync_seconds']):.1f} s")
+    assert float(chief["alone.read_seconds"]) < 5, chief["alone.read_seconds"]
+    assert float(chief["alone.save_seconds"]) < 10, chief["alone.save_seconds"]
+    gamma, beta, _, _ = _initial()
+    np.testing.assert_allclose(chief["alone.weights"], np.concatenate([gamma, beta, mean, variance]),
+                               **CLOSED_FORM_TOL)
+    assert (tmp_path / "chief-alone.keras").stat().st_size > 0
+    error = str(chief["alone.sync_error"])
+    assert "every worker must call it" in error and "timeout_seconds=5" in error, error
+    assert float(chief["alone.sync_seconds"]) < CHIEF_ALONE_IDLE_S / 2, chief["alone.sync_seconds"]
