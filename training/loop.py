@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import kerasbn
 from training import artifacts
 
 
@@ -164,6 +165,9 @@ class Loop:
                 totals += self.train_on_batch(batch)
                 bar.update(step, [("loss", totals[0] / totals[2]), ("acc", totals[1] / totals[2])])
             seconds = time.perf_counter() - began
+            # The handover: every replica's moving statistics set to their mean
+            # before evaluation and the checkpoint (one all-reduce, every worker).
+            kerasbn.sync_moving_statistics(self.model)
             test = self.evaluate(test_dataset)
             result = EpochResult(
                 epoch=epoch,

@@ -162,16 +162,13 @@ def run(config: TrainConfig) -> dict:
         summary["recomputed_batches"] = batches
         summary["test_acc"] = loop.evaluate(strategy.experimental_distribute_dataset(test))["acc"]
 
-    # Every worker saves: reading the moving statistics (per-replica copies
-    # read as their mean) is a collective all workers must join; only the
-    # chief's file is kept.
-    tmp_path = os.path.join(run_dir, f".tmp-model-{os.getpid()}.keras")
-    model.save(tmp_path)
+    # Reads are never collectives (kerasbn/distributed.py): the chief saves
+    # alone, atomically, the statistics handed over by the loop's last epoch.
     if chief:
+        tmp_path = os.path.join(run_dir, f".tmp-model-{os.getpid()}.keras")
+        model.save(tmp_path)
         os.replace(tmp_path, os.path.join(run_dir, "model.keras"))
         artifacts.write_json(os.path.join(run_dir, "summary.json"), summary)
-    else:
-        os.remove(tmp_path)
 
     recompute = (
         f" (moving averages {summary['test_acc_moving_averages']:.3f}, recomputed over {summary['recomputed_batches']} batches)"
