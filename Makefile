@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: train test test-fast bench tune exercises export data clean
+.PHONY: train test test-slow bench tune exercises export data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,13 +28,15 @@ data:
 train: $(STAMP) data
 	$(PY) -m training.train $(ARGS)
 
+# `make test`: everything but the end-to-end runs marked slow (minutes each); `make test-slow` runs
+# those; CI (.ci/run) runs both.
 test: $(STAMP) data
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 	@# The layers' math is keras.ops: their tests run under JAX too (exit 5: ARGS selected none of them).
 	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py tests/test_experimental.py $(ARGS) || [ $$? -eq 5 ]
 
-test-fast: $(STAMP) data
-	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+test-slow: $(STAMP) data
+	$(PY) -m pytest -q -m slow tests $(ARGS)
 
 bench: $(STAMP) data
 	$(PY) -m bench $(ARGS)
