@@ -146,7 +146,8 @@ def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_onl
     assert entry_points == [], "the wheel installs console scripts"
     assert {"tensorflow", "train", "dev"} <= set(re.findall(r"^Provides-Extra: (\S+)$", metadata, re.M))
     assert "kerasbn/py.typed" in names, "the wheel lacks the PEP 561 marker"
-    assert re.search(r"^Requires-Python: >=3\.11,<3\.12$", metadata, re.M), metadata[:2000]
+    (requires_python,) = re.findall(r"^Requires-Python: (.+)$", metadata, re.M)
+    assert set(requires_python.split(",")) == {">=3.11", "<3.12"}, requires_python  # only 3.11 was tested
     _check_long_description(metadata)
     with tarfile.open(sdist) as archive:
         members = [m.split("/", 1)[1] for m in archive.getnames() if "/" in m]
