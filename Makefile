@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: train test test-slow bench tune exercises export data clean
+.PHONY: train test test-slow bench tune exercises export docs data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,5 +50,9 @@ exercises: $(STAMP) data
 export: $(STAMP)
 	$(PY) -m training.export $(ARGS)
 
+# The documentation site, warnings (griffe's docstring checks, broken links and anchors) as errors.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) runs build dist *.egg-info
+	rm -rf $(VENV) runs build dist site *.egg-info

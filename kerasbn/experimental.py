@@ -123,9 +123,12 @@ class DecorrelatedBatchNorm(keras.layers.Layer):
         epsilon: Added to the covariance's diagonal, > 0.
         center: Learn `beta` (else beta = 0).
         scale: Learn `gamma` (else gamma = 1).
-        beta_initializer, gamma_initializer: Initializers of beta and gamma.
-        beta_regularizer, gamma_regularizer: Optional regularizers.
-        beta_constraint, gamma_constraint: Optional constraints.
+        beta_initializer: Initializer of beta.
+        gamma_initializer: Initializer of gamma.
+        beta_regularizer: Optional regularizer of beta.
+        gamma_regularizer: Optional regularizer of gamma.
+        beta_constraint: Optional constraint on beta.
+        gamma_constraint: Optional constraint on gamma.
         **kwargs: Base layer arguments (name, dtype, ...).
 
     Call arguments:

@@ -153,8 +153,11 @@ def fold_into_kernel(
     Args:
         kernel: The linear layer's kernel.
         bias: Bias of shape `(channels,)`, or `None` for a layer without one.
-        mean, variance, gamma, beta, epsilon: As for `fold_affine`, each of
-            shape `(channels,)`.
+        mean: As for `fold_affine`, of shape `(channels,)`.
+        variance: As for `fold_affine`, of shape `(channels,)`.
+        gamma: As for `fold_affine`, of shape `(channels,)`, or `None`.
+        beta: As for `fold_affine`, of shape `(channels,)`, or `None`.
+        epsilon: As for `fold_affine`.
         channel_axes: The kernel axes that index the output channels, in
             row-major order: `(-1,)` for Dense and Conv (the default), `(-2,)`
             for transposed convolutions (kernel `(*size, out, in)`), `(-2, -1)`

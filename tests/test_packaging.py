@@ -3,7 +3,8 @@
 * On the JAX backend `import kerasbn` (and using the layer) never imports
   TensorFlow, and what needs TensorFlow says so, naming the backend.
 * The wheel and the sdist built from this checkout hold the `kerasbn` package
-  alone and require only keras and numpy; installed into a fresh virtual
+  alone (with its `py.typed` marker), carry the README as their description
+  and require only keras and numpy; installed into a fresh virtual
   environment with JAX and pytest beside it (no TensorFlow), the layer and ops
   tests pass under the JAX backend against the installed package.
 
@@ -103,6 +104,20 @@ def _unconditional_requirements(metadata: str) -> list:
     return sorted(names)
 
 
+def _check_long_description(metadata: str) -> None:
+    """PyPI's page is the README: the library's front page, not the training kit's manual."""
+    assert re.search(r"^Description-Content-Type: text/markdown", metadata, re.M), metadata[:2000]
+    description = metadata.split("\n\n", 1)[1]
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert description.startswith(readme.splitlines()[0]), description[:200]
+    assert description.strip() == readme.strip()
+    # The install commands and the drop-in come first; the kit's long sections live in docs/.
+    assert description.index("pip install kerasbn") < description.index("kerasbn.BatchNorm()")
+    for moved in ("## The chapter's exercises", "## Tuning the learning rate", "Result for output key"):
+        assert moved not in description, f"{moved!r} belongs in docs/, not on the package's front page"
+    assert len(readme.splitlines()) <= 300
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2 * INSTALL_TIMEOUT_S)
 @needs_jax
@@ -130,6 +145,10 @@ def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_onl
     assert _unconditional_requirements(metadata) == ["keras", "numpy"], metadata
     assert entry_points == [], "the wheel installs console scripts"
     assert {"tensorflow", "train", "dev"} <= set(re.findall(r"^Provides-Extra: (\S+)$", metadata, re.M))
+    assert "kerasbn/py.typed" in names, "the wheel lacks the PEP 561 marker"
+    (requires_python,) = re.findall(r"^Requires-Python: (.+)$", metadata, re.M)
+    assert set(requires_python.split(",")) == {">=3.11", "<3.12"}, requires_python  # only 3.11 was tested
+    _check_long_description(metadata)
     with tarfile.open(sdist) as archive:
         members = [m.split("/", 1)[1] for m in archive.getnames() if "/" in m]
     assert {m.split("/")[0] for m in members if "/" in m} == {"kerasbn", "kerasbn.egg-info"}, sorted(members)
