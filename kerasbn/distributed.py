@@ -257,9 +257,9 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
             `MultiWorkerMirroredStrategy`; None or 0 waits forever.
 
     Returns:
-        The number of variables whose copies were averaged (0 where there is
+        The number of layers whose copies were averaged (0 where there is
         nothing to do: no multi-replica strategy, another backend, or no
-        kerasbn.BatchNorm).
+        kerasbn.BatchNorm without renorm).
 
     Raises:
         ValueError: for a negative `timeout_seconds`.
@@ -296,7 +296,7 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
             f"workers did not join within timeout_seconds={timeout_seconds} ({type(error).__name__}). "
             "Call it on every worker (as SyncMovingStatistics and fit do), not on the chief alone."
         ) from error
-    return len(variables)
+    return len(variables) // 2  # each layer's moving mean and moving variance
 
 
 def _compile_handover(strategy, variables, timeout_seconds):

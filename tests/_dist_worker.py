@@ -281,7 +281,7 @@ def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True
     # A read outside replicas before the handover, then the handover itself.
     for name in ("moving_mean", "moving_variance"):
         results[f"{prefix}.read_before_handover.{name}"] = np.asarray(getattr(layer, name).numpy())
-    results[f"{prefix}.handover_variables"] = np.asarray(kerasbn.sync_moving_statistics(model))
+    results[f"{prefix}.handover_layers"] = np.asarray(kerasbn.sync_moving_statistics(model))
     for name in ("moving_mean", "moving_variance"):
         for copy, value in enumerate(statistics_views(strategy, layer, name)):
             results[f"{prefix}.handover.copy{copy}.{name}"] = value
