@@ -374,7 +374,12 @@ class BatchNorm(keras.layers.Layer):
         mean, variance = self._batch_moments(x, axes, mask)
         gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
         if self.renorm:
-            gamma, beta = self._renorm_affine(mean, variance, gamma, beta, dtype, rank, shift)
+            renorm_mean, renorm_stddev = self._broadcast(
+                rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
+            )
+            gamma, beta = bn_ops.renorm_affine(
+                mean, variance, renorm_mean, renorm_stddev, gamma, beta, self.epsilon, self.renorm_clipping
+            )
         outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
         if shift:
             # The moving averages take the mean over the virtual batches.
@@ -421,36 +426,6 @@ class BatchNorm(keras.layers.Layer):
         if mask is not None:
             mask = ops.reshape(mask, (-1, size) + tuple(ops.shape(mask)[1:]))
         return x, mask
-
-    def _renorm_affine(self, mean, variance, gamma, beta, dtype, rank, shift):
-        """Batch Renormalization: `(x_hat * r + d) * gamma + beta`, folded into gamma and beta.
-
-        `r` and `d` pull the batch statistics towards the renorm moving ones;
-        they are constants for the gradient (Ioffe, 2017, eq. 2). The renorm and
-        moving statistics are updated here too, since renorm tracks standard
-        deviations.
-        """
-        renorm_mean, renorm_stddev = self._broadcast(
-            rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
-        )
-        stddev = ops.sqrt(variance + self.epsilon)
-        renorm_stddev = ops.maximum(renorm_stddev, math.sqrt(self.epsilon))
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        if clipping.get("rmin") is not None:
-            r = ops.maximum(r, clipping["rmin"])
-        if clipping.get("rmax") is not None:
-            r = ops.minimum(r, clipping["rmax"])
-        if clipping.get("dmax") is not None:
-            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-        new_gamma = r if gamma is None else r * gamma
-        new_beta = d if gamma is None else d * gamma
-        if beta is not None:
-            new_beta = new_beta + beta
-        return new_gamma, new_beta
 
     def _update_moving_statistics(self, mean, variance, fresh=True):
         """Folds batch statistics (of the moving variables' shape) into the moving averages.
@@ -596,9 +571,8 @@ class BatchNorm(keras.layers.Layer):
                 asks TensorFlow (`kerasbn.backend.device_type`). Tests pin it
                 to check a device's rule on any machine.
         """
-        tf_backend = is_tensorflow()
         if device is None:
-            device = device_type(inputs) if tf_backend else "CPU"
+            device = device_type(inputs) if is_tensorflow() else "CPU"
         return path_plan.plan(
             inputs.shape,
             inputs.dtype,
