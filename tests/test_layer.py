@@ -1615,3 +1615,28 @@ def test_the_plan_follows_the_device_the_op_is_placed_on(device, fused):
         # Eagerly, where TensorFlow really puts the op: soft placement runs a
         # GPU scope's ops on the CPU of a machine without a GPU.
         assert device_type() == ("GPU" if device == "/GPU:0" and has_gpu() else "CPU")
+
+
+@pytest.mark.parametrize(
+    "device, shape, training, path",
+    [
+        ("CPU", (256, 24, 24, 6), True, "widened"),
+        ("GPU", (256, 24, 24, 6), True, "fused"),
+        ("TPU", (256, 24, 24, 6), True, "fused"),  # any device but the CPU: TensorFlow's own rule
+        ("CPU", (1024, 120), True, "fused"),
+        ("GPU", (1024, 120), True, "generic"),
+        ("CPU", (256, 24, 24, 16), False, "fused_affine"),
+        ("GPU", (256, 24, 24, 16), False, "generic"),
+        ("GPU", (256, 24, 24, 6), False, "generic"),
+    ],
+)
+def test_the_plan_is_a_pure_function_of_what_the_layer_knows(device, shape, training, path):
+    """`kerasbn.plan.plan` runs on any backend: no tensor, no TensorFlow."""
+    from kerasbn.plan import plan
+
+    got = plan(shape, "float32", training=training, feature_axes=(len(shape) - 1,), device=device)
+    assert got.path == path, got
+    assert got.reason
+    assert plan(shape, "float32", training=training, feature_axes=(len(shape) - 1,), backend="jax").path == "generic"
+    with pytest.raises(ValueError, match=re.escape("`fused=True` cannot take the fused kernel here: a mask.")):
+        plan(shape, "float32", training=True, feature_axes=(len(shape) - 1,), fused=True, masked=True)
