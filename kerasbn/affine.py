@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from kerasbn import ops as bn_ops
+from kerasbn.validation import validate_axis
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -41,11 +42,8 @@ class Affine(keras.layers.Layer):
 
     def __init__(self, axis: Union[int, Sequence[int]] = -1, **kwargs):
         super().__init__(**kwargs)
-        values = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-        if not values or any(isinstance(a, bool) or not isinstance(a, int) for a in values):
-            raise ValueError(f"`axis` must be an int or a non-empty list of ints. Received: axis={axis!r}")
+        self._axes = validate_axis(axis)
         self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
-        self._axes = values
         self.supports_masking = True
         self._feature_axes = None
 

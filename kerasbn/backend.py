@@ -1,9 +1,9 @@
-"""Which Keras backend runs, and a clear error where a feature needs TensorFlow.
+"""Which Keras backend runs, TensorFlow on first use, and where an op runs.
 
 kerasbn's math is `keras.ops` and runs on every backend; the fused kernel,
 `tf.distribute` all-reduces and the `tf.function` inference path are
-TensorFlow's. Nothing here imports TensorFlow unless Keras already runs on it,
-so `import kerasbn` on the JAX backend never loads TensorFlow.
+TensorFlow's. TensorFlow is imported only through `tensorflow()`, called only
+on the TensorFlow backend, so `import kerasbn` on JAX never loads it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,34 @@ def require_tensorflow(feature: str, received: str = "", error: type = ValueErro
     )
 
 
-def has_gpu() -> bool:
-    """Whether TensorFlow sees a GPU (call only on the TensorFlow backend)."""
+def tensorflow():
+    """The `tensorflow` module, imported on first use (call only on the TensorFlow backend)."""
     import tensorflow as tf
 
-    return bool(tf.config.list_logical_devices("GPU"))
+    return tf
+
+
+def has_gpu() -> bool:
+    """Whether TensorFlow sees a GPU (call only on the TensorFlow backend)."""
+    return bool(tensorflow().config.list_logical_devices("GPU"))
+
+
+def device_type(inputs=None) -> str:
+    """The type of the device ("CPU", "GPU", "TPU", ...) an op on `inputs` created here runs on.
+
+    What TensorFlow says before running the op, in this order: the device
+    scope around the call (a `tf.device` block, the replica device of a
+    `tf.distribute` strategy; eagerly, the device TensorFlow places a new op
+    on), else the device `inputs` were placed on (`inputs.device`), else a GPU
+    wherever TensorFlow sees one, as its placer prefers one. Call only on the
+    TensorFlow backend.
+    """
+    tf = tensorflow()
+    # A constant made here carries the device scope in a graph ("" without
+    # one) and, eagerly, the device TensorFlow actually placed it on.
+    names = (tf.constant(0.0).device, getattr(inputs, "device", None) or "")
+    for name in names:
+        kind = tf.DeviceSpec.from_string(name).device_type if name else None
+        if kind:
+            return kind.upper()
+    return "GPU" if has_gpu() else "CPU"

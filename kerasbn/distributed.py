@@ -30,10 +30,10 @@ alone raises within `timeout_seconds` instead of waiting forever. Reads and
 saves never are collectives here, so `if chief: model.save(...)` returns at
 once.
 
-TensorFlow is imported lazily (`_tf()`), so `kerasbn` imports this module on
-every backend; on JAX there is no `tf.distribute`, arrays sharded by
-`keras.distribution` are global, and every function here is a no-op or raises
-a clear error.
+TensorFlow is imported lazily (`kerasbn.backend.tensorflow`), so `kerasbn`
+imports this module on every backend; on JAX there is no `tf.distribute`,
+arrays sharded by `keras.distribution` are global, and every function here is
+a no-op or raises a clear error.
 """
 
 from __future__ import annotations
@@ -45,16 +45,9 @@ import weakref
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from kerasbn import ops as bn_ops
-from kerasbn.backend import is_tensorflow, require_tensorflow
+from kerasbn.backend import is_tensorflow, require_tensorflow, tensorflow
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
-
-
-def _tf():
-    """TensorFlow, imported on first use (only ever called on the TensorFlow backend)."""
-    import tensorflow as tf
-
-    return tf
 
 
 def replica_context():
@@ -66,7 +59,7 @@ def replica_context():
     """
     if not is_tensorflow():
         return None
-    tf = _tf()
+    tf = tensorflow()
     if not tf.distribute.has_strategy():
         return None
     context = tf.distribute.get_replica_context()
@@ -86,7 +79,7 @@ def moving_statistics_aggregation() -> str:
     """
     if not is_tensorflow():
         return "mean"
-    tf = _tf()
+    tf = tensorflow()
     if not tf.distribute.has_strategy():
         return "mean"
     strategy = tf.distribute.get_strategy()
@@ -143,7 +136,7 @@ def cross_replica_moments(
     context = replica_context()
     if context is None:
         return bn_ops.moments(x, axes, mask=mask, keepdims=keepdims)
-    tf = _tf()
+    tf = tensorflow()
     axes = tuple(axes)
     x = tf.cast(x, bn_ops.statistics_dtype(x.dtype))
     keep = None
@@ -158,7 +151,7 @@ def cross_replica_moments(
 
 def _global_moments(context, axes, keep):
     """`x -> (mean, variance)` over the global batch (keepdims), with the one-collective gradient."""
-    tf = _tf()
+    tf = tensorflow()
 
     def local_sum(values):
         if keep is not None:
@@ -277,7 +270,7 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
     strategy = strategy or _variable_strategy(variables)
     if not variables or strategy is None or strategy.num_replicas_in_sync <= 1:
         return 0
-    tf = _tf()
+    tf = tensorflow()
     if replica_context() is not None:
         raise RuntimeError(
             "`sync_moving_statistics` must be called outside `strategy.run` (in cross-replica "
@@ -301,7 +294,7 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
 
 def _compile_handover(strategy, variables, timeout_seconds):
     """A `tf.function` that replaces each replica's copies of `variables` by their cross-replica mean."""
-    tf = _tf()
+    tf = tensorflow()
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds or None)
     by_dtype: Dict[object, list] = {}
     for variable in variables:
@@ -401,7 +394,7 @@ def count_cross_replica_calls() -> Iterator[Dict[str, int]]:
         ValueError: on a Keras backend other than TensorFlow.
     """
     require_tensorflow("`count_cross_replica_calls` (tf.distribute)")
-    tf = _tf()
+    tf = tensorflow()
     counter = _CallCounter()
     patched = [(tf.distribute.ReplicaContext, name, True) for name in _REPLICA_CALLS]
     patched += [(tf.distribute.StrategyExtended, name, False) for name in _STRATEGY_CALLS]

@@ -30,8 +30,8 @@ from typing import Optional
 import keras
 from keras import constraints, initializers, ops, regularizers
 
-from kerasbn.layer import _validate_epsilon, _validate_momentum
 from kerasbn.ops import statistics_dtype
+from kerasbn.validation import validate_epsilon, validate_momentum
 
 
 def covariance_moments(x, axis: int = -1):
@@ -169,8 +169,8 @@ class DecorrelatedBatchNorm(keras.layers.Layer):
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"`axis` must be one integer. Received: axis={axis!r}")
         self.axis = axis
-        self.momentum = _validate_momentum("momentum", momentum)
-        self.epsilon = _validate_epsilon(epsilon)
+        self.momentum = validate_momentum("momentum", momentum)
+        self.epsilon = validate_epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)

@@ -8,18 +8,22 @@ NHWC or NCHW tensor in one kernel. Two conventions of its own:
   n). Keras and `kerasbn.ops.moments` use the biased variance for the moving
   average, so `fused_batch_norm_training` rescales by (n - 1) / n.
 * On GPUs it goes through cuDNN, whose batch norm long required
-  epsilon >= 1e-5 (CUDNN_BN_MIN_EPSILON) and older TensorFlow wrappers clamped
-  it to 1.001e-5. TensorFlow 2.21's wrapper no longer clamps and its CPU kernel
-  is exact below 1e-5 (tests/test_layer.py checks), but the layer keeps the
-  fused path to `epsilon >= FUSED_MIN_EPSILON`, so `fused=None` gives the same
+  epsilon >= 1e-5 (CUDNN_BN_MIN_EPSILON), and TensorFlow 1.x's wrapper
+  clamped epsilon to 1.001e-5. TensorFlow 2.21's wrapper passes epsilon as
+  given, and its CPU kernel normalizes with it: with epsilon 1e-7 its output
+  matches `(x - mean) / sqrt(variance + 1e-7)` to 1e-7, and is off by 1.6 from
+  the clamped formula, for a variance of 1e-6 (tests/test_layer.py checks the
+  layer). The layer still takes the fused path only for
+  `epsilon >= kerasbn.plan.FUSED_MIN_EPSILON`, so `fused=None` gives the same
   numbers on every device and TensorFlow version.
+
+TensorFlow is imported on first call (`kerasbn.backend.tensorflow`), so the
+layer imports this module on every backend and calls it only on TensorFlow.
 """
 
 from __future__ import annotations
 
-import tensorflow as tf
-
-FUSED_MIN_EPSILON = 1.001e-5
+from kerasbn.backend import tensorflow
 
 
 def fused_batch_norm_training(x, gamma, beta, epsilon: float, data_format: str):
@@ -29,13 +33,14 @@ def fused_batch_norm_training(x, gamma, beta, epsilon: float, data_format: str):
         x: 4-D tensor, float16, bfloat16 or float32.
         gamma: Scale of shape `(channels,)` (float32), or None for ones.
         beta: Offset of shape `(channels,)` (float32), or None for zeros.
-        epsilon: At least `FUSED_MIN_EPSILON`.
+        epsilon: At least `kerasbn.plan.FUSED_MIN_EPSILON`.
         data_format: "NHWC" or "NCHW".
 
     Returns:
         `(y, mean, variance)`: `y` in the dtype of `x`; `mean` and the biased
         `variance` of shape `(channels,)` in float32.
     """
+    tf = tensorflow()
     channel_axis = 3 if data_format == "NHWC" else 1
     channels = tf.shape(x)[channel_axis]
     if gamma is None:
@@ -63,7 +68,7 @@ def fused_affine_nhwc(x, a, b):
     computes `(x - 0) * rsqrt(1 + 0) * a + b`, the same affine map, in one.
     On this project's 2-core CPU that halved the time for (128, 56, 56, 64)
     and (64, 28, 28, 256), but was slower below 16 channels (see
-    `kerasbn.layer.FUSED_INFERENCE_MIN_CHANNELS`). The layer calls it on CPUs
+    `kerasbn.plan.FUSED_INFERENCE_MIN_CHANNELS`). The layer calls it on CPUs
     only: cuDNN has long required epsilon >= 1e-5, and no GPU has run it.
 
     Args:
@@ -73,6 +78,7 @@ def fused_affine_nhwc(x, a, b):
     Returns:
         `x * a + b` in the dtype of `x`.
     """
+    tf = tensorflow()
     channels = tf.shape(a)
     y, _, _ = tf.compat.v1.nn.fused_batch_norm(
         x,

@@ -2,14 +2,14 @@
 
 The layer creates the weights, picks which statistics to normalize with
 (batch or moving), and updates the moving averages. The formulas live in
-`kerasbn/ops.py`; the TensorFlow-only pieces (fused kernel, cross-replica
-all-reduce, the `tf.function` inference path) in `kerasbn/fused.py` and
-`kerasbn/distributed.py`, reached only on the TensorFlow backend.
+`kerasbn/ops.py`, the choice of path (fused kernel, widened view, generic
+math) in `kerasbn/plan.py`; the TensorFlow-only pieces (fused kernel,
+cross-replica all-reduce) in `kerasbn/fused.py` and `kerasbn/distributed.py`,
+reached only on the TensorFlow backend.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -18,54 +18,18 @@ import keras
 from keras import constraints, initializers, ops, regularizers
 
 from kerasbn import ops as bn_ops
-from kerasbn.backend import has_gpu, is_tensorflow, require_tensorflow
-
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-# Input dtypes TensorFlow's fused batch-norm kernel takes.
-FUSED_DTYPES = ("float16", "bfloat16", "float32")
-
-# The auto rule's CPU thresholds (`fused=None`, TensorFlow backend, no GPU).
-# Measured on this project's 2-core AMD EPYC (oneDNN) by `python -m bench`,
-# time relative to keras.layers.BatchNormalization, in bench/results/latest.md
-# ("Layer" table) and bench/results/lenet_profile.md (section 4, the scan):
-#
-# Training, NHWC: the fused kernel was 2.5-3.3x faster than the generic path
-# where the channel count is a multiple of 4 (4 to 32 measured) and 1.5-2.4x
-# slower otherwise (1, 2, 3, 5, 6, 7, 10; 256x24x24x6: fused 1.93x of keras,
-# widened 0.41x). NCHW: the kernel won at every count measured (256x24x24x6
-# 0.87x, generic 0.96x), so NCHW has no threshold.
-FUSED_NHWC_CHANNEL_MULTIPLE = 4
-# Training, other ranks viewed as (-1, 1, 1, C): the kernel carries a fixed
-# cost of about 0.3 ms per call that pays from ~1e5 elements (256x120 1.7x
-# slower than generic; 1024x120 0.84x of keras, generic 1.06x).
-FUSED_MIN_ELEMENTS = 100_000
-# Inference, NHWC: `x * a + b` through the fused kernel (`fused_affine_nhwc`,
-# epsilon 0) in one pass beat two element-wise ops from 16 channels
-# (256x8x8x16 0.70x of keras vs 1.08x) and lost below (256x24x24x6 1.11x vs
-# the widened view's 0.52x). CPU only: cuDNN has long required epsilon >= 1e-5,
-# and the trick has not run on a GPU.
-FUSED_INFERENCE_MIN_CHANNELS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How one call of `BatchNorm` computes, and why: chosen in one place, `BatchNorm._plan`.
-
-    Attributes:
-        path: In training, "fused" (TensorFlow's fused batch-norm kernel),
-            "widened" (the `keras.ops` math on a `(rows / k, k * C)` view, see
-            `kerasbn.ops.widen_factor`) or "generic" (the `keras.ops` math on
-            the input as it is). In inference, "fused_affine" (`x * a + b`
-            through the fused kernel), "widened" or "generic".
-        reason: The rule that decided, in words.
-        layout: The fused kernel's data format, "NHWC" or "NCHW" (fused only).
-        widen: k of the widened view (widened only; else 1).
-    """
-
-    path: str
-    reason: str
-    layout: Optional[str] = None
-    widen: int = 1
+from kerasbn import plan as path_plan
+from kerasbn.backend import device_type, is_tensorflow, require_tensorflow, tensorflow
+from kerasbn.distributed import cross_replica_moments, moving_statistics_aggregation, replica_context
+from kerasbn.fused import fused_affine_nhwc, fused_batch_norm_training
+from kerasbn.plan import FUSED_DTYPES, Plan
+from kerasbn.validation import (
+    validate_axis,
+    validate_epsilon,
+    validate_momentum,
+    validate_renorm_clipping,
+    validate_virtual_batch_size,
+)
 
 
 def _clone_initializer(initializer):
@@ -107,7 +71,9 @@ class BatchNorm(keras.layers.Layer):
     * **Ghost batch norm**: `virtual_batch_size` normalizes sub-batches of
       that size independently.
     * **A fused kernel** on the TensorFlow backend for 4-D NHWC/NCHW inputs
-      (`fused=None` picks it where it is exact).
+      and, viewed as (-1, 1, 1, C), any input normalized over its last axis
+      (`fused=None` picks it where it is exact and measured faster on the
+      device the op runs on; `kerasbn/plan.py` holds the rule).
     * **A compiled inference path**, `inference_function`: a `tf.function`
       with a fixed input signature that computes the same folded formula as
       `call(training=False)`, and is what a SavedModel of the layer serves.
@@ -135,8 +101,8 @@ class BatchNorm(keras.layers.Layer):
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
             (the moving averages take their mean). Must divide the batch.
-        fused: None (use the fused kernel where exact and, on CPUs, measured
-            faster), True (require it: an error where it cannot run, e.g.
+        fused: None (use the fused kernel where exact and measured faster,
+            see `kerasbn/plan.py`), True (require it: an error where it cannot run, e.g.
             with a mask or cross-replica statistics) or False (never use it).
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
@@ -182,9 +148,9 @@ class BatchNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         # `axis` stays as given (an int, like the stock layer's, or a list).
         self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
-        self._axis_list = _validate_axis(axis)
-        self.momentum = _validate_momentum("momentum", momentum)
-        self.epsilon = _validate_epsilon(epsilon)
+        self._axis_list = validate_axis(axis)
+        self.momentum = validate_momentum("momentum", momentum)
+        self.epsilon = validate_epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -197,19 +163,10 @@ class BatchNorm(keras.layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.renorm = bool(renorm)
         # Checked only with renorm, as keras.layers.BatchNormalization does.
-        self.renorm_clipping = _validate_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
-        self.renorm_momentum = _validate_momentum("renorm_momentum", renorm_momentum)
+        self.renorm_clipping = validate_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
+        self.renorm_momentum = validate_momentum("renorm_momentum", renorm_momentum)
         self.synchronized = bool(synchronized)
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                "`virtual_batch_size` must be a positive integer or None. "
-                f"Received: virtual_batch_size={virtual_batch_size!r}"
-            )
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = validate_virtual_batch_size(virtual_batch_size)
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
         if fused:
@@ -288,8 +245,6 @@ class BatchNorm(keras.layers.Layer):
         if self.renorm:
             sync, aggregation = "on_write", "mean"
         else:
-            from kerasbn.distributed import moving_statistics_aggregation
-
             sync, aggregation = "on_read", moving_statistics_aggregation()
         self.moving_mean = self._add_statistic(
             "moving_mean", self.moving_mean_initializer, param_shape, sync, aggregation
@@ -317,7 +272,9 @@ class BatchNorm(keras.layers.Layer):
             )
         # What the shape and arguments rule out is known now; a mask, the
         # dtype and cross-replica statistics only at call time (`_plan`).
-        if self.fused and self._fused_layout(rank) is None:
+        if self.fused and path_plan.fused_layout(
+            rank, self._feature_axes, self.renorm, self.virtual_batch_size, self.epsilon
+        ) is None:
             raise ValueError(
                 "`fused=True` needs inputs normalized over their last axis only (or axis 1 of "
                 "4-D NCHW inputs), without renorm or virtual_batch_size, and epsilon >= 1.001e-5. "
@@ -370,10 +327,8 @@ class BatchNorm(keras.layers.Layer):
             )),
             epsilon=self.epsilon,
         )
-        plan = self._plan(inputs.shape, inputs.dtype, training=False)
+        plan = self._plan(inputs, training=False)
         if plan.path == "fused_affine":
-            from kerasbn.fused import fused_affine_nhwc
-
             return ops.cast(fused_affine_nhwc(inputs, a, b), self.compute_dtype)
         x = ops.cast(inputs, dtype)
         if plan.path == "widened":
@@ -385,24 +340,16 @@ class BatchNorm(keras.layers.Layer):
 
     def _train_forward(self, inputs, mask):
         self._check_batch_size(tuple(inputs.shape))
-        plan = self._plan(inputs.shape, inputs.dtype, training=True, masked=mask is not None)
-        # Synchronized statistics are the global batch's, whatever this slice holds.
-        fresh = True if self._cross_replica() else _has_examples(inputs)
+        plan = self._plan(inputs, training=True, masked=mask is not None)
         dtype = bn_ops.statistics_dtype(inputs.dtype)
         if plan.path == "fused":
-            from kerasbn.fused import fused_batch_norm_training
-
             # The kernel takes half-precision inputs as they are (its
             # statistics are float32); integers go in as float32.
             x = inputs if keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES else ops.cast(inputs, dtype)
             if len(inputs.shape) != 4:
                 x = ops.reshape(x, (-1, 1, 1, inputs.shape[-1]))
-            outputs, mean, variance = fused_batch_norm_training(
-                x, self.gamma, self.beta, self.epsilon, plan.layout
-            )
-            outputs = ops.reshape(outputs, ops.shape(inputs))
-            self._update_moving_statistics(mean, variance, fresh)
-            return ops.cast(outputs, self.compute_dtype)
+            outputs, mean, variance = fused_batch_norm_training(x, self.gamma, self.beta, self.epsilon, plan.layout)
+            return self._finish_training(inputs, outputs, mean, variance)
 
         if plan.path == "widened":
             # Few channels: the same statistics and formula on a
@@ -412,9 +359,7 @@ class BatchNorm(keras.layers.Layer):
             mean, variance = bn_ops.widened_moments(wide, channels)
             gamma, beta = (bn_ops.cast_optional(p, dtype) for p in (self.gamma, self.beta))
             a, b = bn_ops.fold_affine(mean, variance, gamma, beta, self.epsilon)
-            outputs = bn_ops.apply_affine_widened(wide, a, b)
-            self._update_moving_statistics(mean, variance, fresh)
-            return ops.cast(ops.reshape(outputs, ops.shape(inputs)), self.compute_dtype)
+            return self._finish_training(inputs, bn_ops.apply_affine_widened(wide, a, b), mean, variance)
 
         x = ops.cast(inputs, dtype)
         rank = len(inputs.shape)
@@ -429,23 +374,35 @@ class BatchNorm(keras.layers.Layer):
         mean, variance = self._batch_moments(x, axes, mask)
         gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
         if self.renorm:
-            gamma, beta = self._renorm_affine(mean, variance, gamma, beta, dtype, rank, shift)
+            renorm_mean, renorm_stddev = self._broadcast(
+                rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
+            )
+            gamma, beta = bn_ops.renorm_affine(
+                mean, variance, renorm_mean, renorm_stddev, gamma, beta, self.epsilon, self.renorm_clipping
+            )
         outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
         if shift:
-            outputs = ops.reshape(outputs, ops.shape(inputs))
             # The moving averages take the mean over the virtual batches.
             mean = ops.mean(mean, axis=0)
             variance = ops.mean(variance, axis=0)
+        return self._finish_training(inputs, outputs, mean, variance)
+
+    def _finish_training(self, inputs, outputs, mean, variance):
+        """The tail every training path shares: the moving-average update, then the outputs
+        in the inputs' shape and the compute dtype.
+
+        `mean` and `variance` hold one value per feature, in any shape of that size.
+        """
+        # Synchronized statistics are the global batch's, whatever this slice holds.
+        fresh = True if self._cross_replica() else _has_examples(inputs)
         param_shape = tuple(self.moving_mean.shape)
-        self._update_moving_statistics(
-            ops.reshape(mean, param_shape), ops.reshape(variance, param_shape), fresh
-        )
+        self._update_moving_statistics(ops.reshape(mean, param_shape), ops.reshape(variance, param_shape), fresh)
+        if tuple(outputs.shape) != tuple(inputs.shape):
+            outputs = ops.reshape(outputs, ops.shape(inputs))
         return ops.cast(outputs, self.compute_dtype)
 
     def _batch_moments(self, x, axes, mask):
         if self.synchronized and is_tensorflow():
-            from kerasbn.distributed import cross_replica_moments
-
             return cross_replica_moments(x, axes, mask=mask, keepdims=True)
         return bn_ops.moments(x, axes, mask=mask, keepdims=True)
 
@@ -458,8 +415,7 @@ class BatchNorm(keras.layers.Layer):
                 f"Received: virtual_batch_size={size}, batch size {batch}"
             )
         if batch is None and is_tensorflow():
-            import tensorflow as tf
-
+            tf = tensorflow()
             tf.debugging.assert_equal(
                 tf.shape(x)[0] % size,
                 0,
@@ -470,36 +426,6 @@ class BatchNorm(keras.layers.Layer):
         if mask is not None:
             mask = ops.reshape(mask, (-1, size) + tuple(ops.shape(mask)[1:]))
         return x, mask
-
-    def _renorm_affine(self, mean, variance, gamma, beta, dtype, rank, shift):
-        """Batch Renormalization: `(x_hat * r + d) * gamma + beta`, folded into gamma and beta.
-
-        `r` and `d` pull the batch statistics towards the renorm moving ones;
-        they are constants for the gradient (Ioffe, 2017, eq. 2). The renorm and
-        moving statistics are updated here too, since renorm tracks standard
-        deviations.
-        """
-        renorm_mean, renorm_stddev = self._broadcast(
-            rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
-        )
-        stddev = ops.sqrt(variance + self.epsilon)
-        renorm_stddev = ops.maximum(renorm_stddev, math.sqrt(self.epsilon))
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        if clipping.get("rmin") is not None:
-            r = ops.maximum(r, clipping["rmin"])
-        if clipping.get("rmax") is not None:
-            r = ops.minimum(r, clipping["rmax"])
-        if clipping.get("dmax") is not None:
-            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-        new_gamma = r if gamma is None else r * gamma
-        new_beta = d if gamma is None else d * gamma
-        if beta is not None:
-            new_beta = new_beta + beta
-        return new_gamma, new_beta
 
     def _update_moving_statistics(self, mean, variance, fresh=True):
         """Folds batch statistics (of the moving variables' shape) into the moving averages.
@@ -574,8 +500,7 @@ class BatchNorm(keras.layers.Layer):
         if not self.built:
             raise RuntimeError(f"Layer {self.name!r} must be built before its inference_function is used.")
         if self._inference_fn is None:
-            import tensorflow as tf
-
+            tf = tensorflow()
             spec = tf.TensorSpec((None,) + tuple(self._built_shape[1:]), dtype=self.compute_dtype, name="inputs")
 
             def traced(x):
@@ -634,123 +559,38 @@ class BatchNorm(keras.layers.Layer):
                 stacklevel=2,
             )
 
-    def _fused_layout(self, rank: int) -> Optional[str]:
-        """How the fused 4-D kernel can take inputs of this rank, or None.
-
-        NHWC 4-D inputs go in as they are, NCHW ones with data_format NCHW;
-        any other rank normalized over its last axis only is viewed as
-        (-1, 1, 1, channels), which leaves the per-channel statistics unchanged.
-        """
-        if not is_tensorflow():
-            return None
-        from kerasbn.fused import FUSED_MIN_EPSILON
-
-        if self.renorm or self.virtual_batch_size is not None or self.epsilon < FUSED_MIN_EPSILON:
-            return None
-        if self._feature_axes == (rank - 1,):
-            return "NHWC"
-        if rank == 4 and self._feature_axes == (1,):
-            return "NCHW"
-        return None
-
-    def _plan(self, shape, dtype, training: bool, masked: bool = False, gpu: Optional[bool] = None) -> Plan:
-        """The path one call takes (see `Plan`): the one place that decides.
+    def _plan(self, inputs, training: bool, masked: bool = False, device: Optional[str] = None) -> Plan:
+        """The path this call takes: `kerasbn.plan.plan` with what the layer knows.
 
         Args:
-            shape: The inputs' static shape (None for unknown sizes).
-            dtype: The inputs' dtype.
+            inputs: The inputs (or a `keras.KerasTensor`/`tf.TensorSpec`: their
+                static shape and dtype decide, and on TensorFlow their device).
             training: True for a training-mode call (batch statistics).
-            masked: Whether a mask comes with the inputs (training only).
-            gpu: Whether TensorFlow has a GPU; None asks TensorFlow. Tests pin
-                it to check the CPU rule on any machine.
-
-        Returns:
-            A `Plan`.
-
-        Raises:
-            ValueError: for `fused=True` where the fused kernel cannot be taken
-                (cross-replica statistics, a mask, float64 inputs).
+            masked: Whether a mask comes with the inputs.
+            device: The device type the op runs on ("CPU", "GPU", ...); None
+                asks TensorFlow (`kerasbn.backend.device_type`). Tests pin it
+                to check a device's rule on any machine.
         """
-        shape = tuple(shape)
-        rank = len(shape)
-        if not is_tensorflow():
-            return Plan("generic", f"backend {keras.backend.backend()!r}: keras.ops only")
-        if gpu is None:
-            gpu = has_gpu()
-        float32_statistics = bn_ops.statistics_dtype(dtype) == "float32"
-        widen = self._widen(shape)
-        if not training:
-            if (
-                self.fused is not False
-                and not gpu
-                and rank == 4
-                and self._feature_axes == (3,)
-                and shape[3] >= FUSED_INFERENCE_MIN_CHANNELS
-                and keras.backend.standardize_dtype(dtype) in FUSED_DTYPES
-            ):
-                return Plan("fused_affine", f"CPU, NHWC with >= {FUSED_INFERENCE_MIN_CHANNELS} channels", layout="NHWC")
-            if widen > 1 and not self.fused:
-                return Plan("widened", f"{shape[-1]} channels on the last axis: a view {widen} times wider", widen=widen)
-            return Plan("generic", "x * a + b as it is")
-
-        cross_replica = self._cross_replica()
-        layout = self._fused_layout(rank)
-        blocker = None
-        if cross_replica:
-            blocker = "synchronized statistics across replicas need the generic path's all-reduce"
-        elif layout is None:
-            blocker = "no fused layout (axis, renorm, virtual_batch_size or epsilon)"
-        elif masked:
-            blocker = "a mask"
-        elif not float32_statistics:
-            blocker = f"{keras.backend.standardize_dtype(dtype)} inputs"
-        if self.fused and blocker is not None:
-            raise ValueError(
-                f"`fused=True` cannot take the fused kernel here: {blocker}. Use fused=None to let "
-                f"the layer choose. Received: fused=True, inputs.shape={shape}, dtype="
-                f"{keras.backend.standardize_dtype(dtype)}, mask={'given' if masked else None}, "
-                f"synchronized={self.synchronized}"
-            )
-        if self.fused:
-            return Plan("fused", "fused=True", layout=layout)
-        reduced = [shape[a] for a in bn_ops.reduction_axes(rank, self._feature_axes)]
-        if blocker is None and None not in reduced and math.prod(reduced) <= 1:
-            # No statistics to speak of (the batch variance is 0, or there
-            # is no example): the generic path, whose numbers are tested.
-            blocker = "at most one value per channel"
-        if self.fused is None and blocker is None:
-            if gpu:
-                return Plan("fused", "GPU: the fused kernel everywhere it is exact", layout=layout)
-            if rank == 4 and layout == "NCHW":
-                return Plan("fused", "CPU, NCHW: the kernel was faster at every channel count measured", layout=layout)
-            if rank == 4 and shape[3] is not None and shape[3] % FUSED_NHWC_CHANNEL_MULTIPLE == 0:
-                return Plan("fused", f"CPU, NHWC, channels a multiple of {FUSED_NHWC_CHANNEL_MULTIPLE}", layout=layout)
-            if rank != 4 and (None in shape or math.prod(shape) >= FUSED_MIN_ELEMENTS):
-                return Plan("fused", f"CPU, viewed as (-1, 1, 1, C), >= {FUSED_MIN_ELEMENTS} elements", layout=layout)
-        simple = not (masked or self.renorm or self.virtual_batch_size is not None or cross_replica)
-        if widen > 1 and simple:
-            return Plan("widened", f"{shape[-1]} channels on the last axis: a view {widen} times wider", widen=widen)
-        if blocker is None:
-            blocker = "fused=False" if self.fused is False else "the fused kernel measured slower on CPU here"
-        return Plan("generic", blocker)
+        if device is None:
+            device = device_type(inputs) if is_tensorflow() else "CPU"
+        return path_plan.plan(
+            inputs.shape,
+            inputs.dtype,
+            training=training,
+            feature_axes=self._feature_axes,
+            fused=self.fused,
+            renorm=self.renorm,
+            virtual_batch_size=self.virtual_batch_size,
+            epsilon=self.epsilon,
+            masked=masked,
+            cross_replica=training and self._cross_replica(),
+            device=device.upper(),
+            backend=keras.backend.backend(),
+        )
 
     def _cross_replica(self) -> bool:
         """Whether this call computes synchronized statistics across several replicas."""
-        if not (self.synchronized and is_tensorflow()):
-            return False
-        from kerasbn.distributed import replica_context
-
-        return replica_context() is not None
-
-    def _widen(self, shape) -> int:
-        """k > 1 where a last-axis-only normalization can run on a (rows / k, k * C) view (TensorFlow)."""
-        if not is_tensorflow() or self._feature_axes != (len(shape) - 1,):
-            return 1
-        inner = shape[1:-1]
-        if None in inner:
-            return 1
-        rows = math.prod(inner) * (shape[0] or 1)
-        return bn_ops.widen_factor(rows, shape[-1])
+        return self.synchronized and is_tensorflow() and replica_context() is not None
 
     def _broadcast(self, rank, *params, dtype, shift=0):
         """Casts parameters and reshapes them to broadcast along the feature axes."""
@@ -791,53 +631,3 @@ def _has_examples(inputs):
     if batch is not None:
         return batch > 0
     return ops.shape(inputs)[0] > 0
-
-
-def _validate_axis(axis):
-    values = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-    if not values or any(isinstance(a, bool) or not isinstance(a, int) for a in values):
-        raise ValueError(f"`axis` must be an int or a non-empty list of ints. Received: axis={axis!r}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"`axis` must not repeat an axis. Received: axis={axis!r}")
-    return values
-
-
-def _validate_epsilon(epsilon):
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-        raise ValueError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
-    return float(epsilon)
-
-
-def _validate_momentum(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1). Received: {name}={value!r}")
-    return float(value)
-
-
-def _validate_renorm_clipping(clipping):
-    if clipping is None:
-        return None
-    if not isinstance(clipping, dict):
-        raise ValueError(
-            f"`renorm_clipping` must be a dict with keys among {list(_RENORM_CLIPPING_KEYS)}. "
-            f"Received: renorm_clipping={clipping!r}"
-        )
-    # The messages begin as keras.layers.BatchNormalization's do (code that
-    # matches them keeps working) and end with the values received.
-    unknown = sorted(set(clipping) - set(_RENORM_CLIPPING_KEYS))
-    if unknown:
-        raise ValueError(
-            f"Received invalid keys for `renorm_clipping` argument: {clipping}. "
-            f"Supported values: {list(_RENORM_CLIPPING_KEYS)}. Unknown keys: {unknown}"
-        )
-    rmax, rmin, dmax = (clipping.get(k) for k in _RENORM_CLIPPING_KEYS)
-    if rmax is not None and rmin is not None and rmax < rmin:
-        raise ValueError(
-            "rmax should be greater than rmin in the `renorm_clipping` argument. "
-            f"Received: rmax={rmax}, rmin={rmin}."
-        )
-    if dmax is not None and dmax < 0:
-        raise ValueError(
-            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
-        )
-    return dict(clipping)

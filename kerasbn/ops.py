@@ -127,6 +127,46 @@ def normalize(x, mean, variance, gamma=None, beta=None, epsilon: float = 1e-3):
     return apply_affine(x, a, b)
 
 
+def renorm_affine(mean, variance, renorm_mean, renorm_stddev, gamma, beta, epsilon: float, clipping=None):
+    """Batch Renormalization's scale and offset: `(x_hat * r + d) * gamma + beta` as `x_hat * g + b`.
+
+    `r = sqrt(variance + epsilon) / renorm_stddev` and
+    `d = (mean - renorm_mean) / renorm_stddev` pull the batch statistics
+    towards the renorm moving ones; they are constants for the gradient
+    (Ioffe, 2017, eq. 2). The renorm standard deviation is floored at
+    `sqrt(epsilon)`.
+
+    Args:
+        mean, variance: Batch statistics, broadcastable against the inputs.
+        renorm_mean, renorm_stddev: The renorm moving statistics, likewise.
+        gamma, beta: Scale and offset, or None for ones and zeros.
+        epsilon: Added to the variance.
+        clipping: Optional dict with keys among "rmin", "rmax" (clip `r`) and
+            "dmax" (clip `d` to [-dmax, dmax]).
+
+    Returns:
+        `(g, b)`, the scale and offset to `normalize` with.
+    """
+    stddev = ops.sqrt(variance + epsilon)
+    renorm_stddev = ops.maximum(renorm_stddev, math.sqrt(epsilon))
+    r = stddev / renorm_stddev
+    d = (mean - renorm_mean) / renorm_stddev
+    clipping = clipping or {}
+    if clipping.get("rmin") is not None:
+        r = ops.maximum(r, clipping["rmin"])
+    if clipping.get("rmax") is not None:
+        r = ops.minimum(r, clipping["rmax"])
+    if clipping.get("dmax") is not None:
+        d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
+    r = ops.stop_gradient(r)
+    d = ops.stop_gradient(d)
+    new_gamma = r if gamma is None else r * gamma
+    new_beta = d if gamma is None else d * gamma
+    if beta is not None:
+        new_beta = new_beta + beta
+    return new_gamma, new_beta
+
+
 def apply_affine(x, a, b):
     """`x * a + b`: the folded normalization, `a` and `b` broadcast against `x`."""
     return x * a + b

@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional
 import keras
 from keras import ops
 
+from kerasbn.backend import is_tensorflow, tensorflow
 from kerasbn.layer import BatchNorm
 
 
@@ -92,10 +93,8 @@ def recompute_statistics(
                 layer.momentum = value
         return momentum
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        forward = tf.function(forward, reduce_retracing=True)
+    if is_tensorflow():
+        forward = tensorflow().function(forward, reduce_retracing=True)
 
     used = 0
     try:

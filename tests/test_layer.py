@@ -562,11 +562,16 @@ def _traced_op_types(layer, x, mask=None):
 FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 
 
+def plan_of(layer, shape, dtype, training, masked=False, device=None):
+    """The layer's path plan for inputs of this static shape and dtype (device None: this machine's)."""
+    return layer._plan(keras.KerasTensor(shape, dtype=dtype), training=training, masked=masked, device=device)
+
+
 def _fused_true_can(shape, kwargs, dtype, masked) -> bool:
     """Whether a layer with fused=True takes these inputs (it raises where it cannot)."""
     try:
         layer = build(BatchNorm(dtype=dtype, **{**kwargs, "fused": True}), shape)
-        layer._plan(shape, dtype, training=True, masked=masked, gpu=True)
+        plan_of(layer, shape, dtype, training=True, masked=masked, device="GPU")
     except ValueError:
         return False
     return True
@@ -610,17 +615,21 @@ def _fused_true_can(shape, kwargs, dtype, masked) -> bool:
 )
 def test_fused_is_used_exactly_where_exact(rng, shape, kwargs, dtype, masked, fused_expected):
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
-    # The CPU rule, pinned (gpu=False), so the expectation holds on a machine with a GPU too.
-    plan = layer._plan(shape, dtype, training=True, masked=masked, gpu=False)
+    # The CPU rule, pinned, so the expectation holds on a machine with a GPU too.
+    plan = plan_of(layer, shape, dtype, training=True, masked=masked, device="CPU")
     assert (plan.path == "fused") == fused_expected, plan
-    # On a GPU the rule takes the fused kernel wherever fused=True could.
-    on_gpu = layer._plan(shape, dtype, training=True, masked=masked, gpu=True)
-    assert (on_gpu.path == "fused") == (kwargs.get("fused") is not False and _fused_true_can(shape, kwargs, dtype, masked))
+    # On a GPU the rule takes the fused kernel where TensorFlow's own layer did
+    # (4-D inputs, wherever fused=True could), and anything else only on request.
+    on_gpu = plan_of(layer, shape, dtype, training=True, masked=masked, device="GPU")
+    can = _fused_true_can(shape, kwargs, dtype, masked)
+    assert (on_gpu.path == "fused") == (kwargs.get("fused") is True or (
+        kwargs.get("fused") is None and len(shape) == 4 and can)), on_gpu
+    assert on_gpu.path != "widened"
     # The traced graph runs the plan this machine gets.
     x = rng.normal(size=shape).astype(dtype)
     mask = _mask(rng, shape) if masked else None
     ops_seen = _traced_op_types(layer, x, mask)
-    here = layer._plan(shape, dtype, training=True, masked=masked)
+    here = plan_of(layer, shape, dtype, training=True, masked=masked)
     assert bool(ops_seen & FUSED_OPS) == (here.path == "fused"), sorted(t for t in ops_seen if "Batch" in t or "Mean" in t)
 
 
@@ -1480,12 +1489,12 @@ def test_inference_applies_the_affine_map_with_the_fused_kernel_where_faster(rng
 
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
     randomize_weights(rng, layer)
-    plan = layer._plan(shape, dtype, training=False, gpu=False)  # the CPU rule, pinned
+    plan = plan_of(layer, shape, dtype, training=False, device="CPU")  # the CPU rule, pinned
     assert (plan.path == "fused_affine") == fused_expected, plan
-    # Measured on CPUs only: a GPU never gets the epsilon-0 kernel call.
-    assert layer._plan(shape, dtype, training=False, gpu=True).path != "fused_affine"
+    # Measured on CPUs only: a GPU gets x * a + b as it is.
+    assert plan_of(layer, shape, dtype, training=False, device="GPU").path == "generic"
     graph = layer.inference_function.get_concrete_function().graph
-    here = layer._plan(shape, dtype, training=False)
+    here = plan_of(layer, shape, dtype, training=False)
     assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == (here.path == "fused_affine")
     x = sample(rng, shape, loc=0.5, scale=2.0).astype(dtype)
     mean, variance, gamma, beta = (value(layer, n) for n in ("moving_mean", "moving_variance", "gamma", "beta"))
@@ -1519,9 +1528,10 @@ def test_few_channels_run_on_a_widened_view_with_the_same_numbers(rng, shape, kw
 
     layer = build(BatchNorm(momentum=0.7, **kwargs), shape)
     randomize_weights(rng, layer)
-    assert (layer._plan(shape, "float32", training=True, gpu=False).path == "widened") == widened
+    assert (plan_of(layer, shape, "float32", training=True, device="CPU").path == "widened") == widened
+    assert plan_of(layer, shape, "float32", training=True, device="GPU").path != "widened"
     graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(tf.TensorSpec(shape)).graph
-    here = layer._plan(shape, "float32", training=True)
+    here = plan_of(layer, shape, "float32", training=True)
     assert ("Tile" in {op.type for op in graph.get_operations()}) == (here.path == "widened")
     axis = kwargs.get("axis", -1)
     gamma, beta = value(layer, "gamma"), value(layer, "beta")
@@ -1541,3 +1551,92 @@ def test_few_channels_run_on_a_widened_view_with_the_same_numbers(rng, shape, kw
     )
     np.testing.assert_allclose(to_numpy(layer(x, training=False)), inference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(layer.inference_function(tf.constant(x))), inference, rtol=1e-5, atol=1e-5)
+
+
+@tf_only
+@pytest.mark.parametrize(
+    "shape, path",
+    [
+        # LeNet's dense layers, as `fit` traces them without drop_remainder: the
+        # widened view needs a static batch, and the fused kernel measured ~1.9x
+        # slower than the generic path there (kerasbn/plan.py).
+        ((None, 120), "generic"),
+        ((None, 84), "generic"),
+        ((None, 1000), "fused"),  # TYPICAL_BATCH x 1000 >= FUSED_MIN_ELEMENTS
+        ((None, None, 64), "fused"),  # an unknown length: as before, unmeasured
+        ((None, 6, 6, 6), "widened"),  # k divides the 36 positions of every example
+    ],
+)
+def test_an_unknown_batch_is_planned_as_a_typical_one(shape, path):
+    import tensorflow as tf
+
+    from kerasbn.plan import FUSED_MIN_ELEMENTS, TYPICAL_BATCH
+
+    assert TYPICAL_BATCH * 120 < FUSED_MIN_ELEMENTS <= TYPICAL_BATCH * 1000
+    layer = build(BatchNorm(), shape)
+    assert plan_of(layer, shape, "float32", training=True, device="CPU").path == path
+    if None not in shape[1:]:
+        known = (TYPICAL_BATCH,) + shape[1:]
+        assert plan_of(layer, known, "float32", training=True, device="CPU").path in (path, "widened")
+    graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(tf.TensorSpec(shape)).graph
+    here = plan_of(layer, shape, "float32", training=True)
+    assert bool({op.type for op in graph.get_operations()} & FUSED_OPS) == (here.path == "fused")
+
+
+@tf_only
+@pytest.mark.parametrize("device, fused", [("/GPU:0", True), ("/CPU:0", False)])
+def test_the_plan_follows_the_device_the_op_is_placed_on(device, fused):
+    """Traced (not run) under a device scope: a GPU placement gets the GPU rule on any machine."""
+    import tensorflow as tf
+
+    from kerasbn.backend import device_type, has_gpu
+
+    # 6 channels NHWC: widened on a CPU, the fused kernel on a GPU (as TensorFlow's own layer).
+    layer = build(BatchNorm(), (8, 4, 4, 6))
+
+    def step(x):
+        with tf.device(device):
+            return layer(x, training=True), layer(x, training=False)
+
+    graph = tf.function(step).get_concrete_function(tf.TensorSpec((8, 4, 4, 6))).graph
+    types = {op.type for op in graph.get_operations()}
+    assert bool(types & FUSED_OPS) == fused
+    assert ("Tile" in types) == (not fused)  # the widened view, CPU only (inference too)
+
+    def placed(x):
+        with tf.device(device):
+            y = tf.identity(x)
+        return device_type(y)  # no scope here: the device the input was placed on decides
+
+    kinds = []
+    tf.function(lambda x: kinds.append(placed(x)) or x).get_concrete_function(tf.TensorSpec((2,)))
+    assert kinds == [device[1:4]]
+    with tf.device(device):
+        # Eagerly, where TensorFlow really puts the op: soft placement runs a
+        # GPU scope's ops on the CPU of a machine without a GPU.
+        assert device_type() == ("GPU" if device == "/GPU:0" and has_gpu() else "CPU")
+
+
+@pytest.mark.parametrize(
+    "device, shape, training, path",
+    [
+        ("CPU", (256, 24, 24, 6), True, "widened"),
+        ("GPU", (256, 24, 24, 6), True, "fused"),
+        ("TPU", (256, 24, 24, 6), True, "fused"),  # any device but the CPU: TensorFlow's own rule
+        ("CPU", (1024, 120), True, "fused"),
+        ("GPU", (1024, 120), True, "generic"),
+        ("CPU", (256, 24, 24, 16), False, "fused_affine"),
+        ("GPU", (256, 24, 24, 16), False, "generic"),
+        ("GPU", (256, 24, 24, 6), False, "generic"),
+    ],
+)
+def test_the_plan_is_a_pure_function_of_what_the_layer_knows(device, shape, training, path):
+    """`kerasbn.plan.plan` runs on any backend: no tensor, no TensorFlow."""
+    from kerasbn.plan import plan
+
+    got = plan(shape, "float32", training=training, feature_axes=(len(shape) - 1,), device=device)
+    assert got.path == path, got
+    assert got.reason
+    assert plan(shape, "float32", training=training, feature_axes=(len(shape) - 1,), backend="jax").path == "generic"
+    with pytest.raises(ValueError, match=re.escape("`fused=True` cannot take the fused kernel here: a mask.")):
+        plan(shape, "float32", training=True, feature_axes=(len(shape) - 1,), fused=True, masked=True)

@@ -238,3 +238,22 @@ def test_widened_moments_equal_moments(rows, channels, expected_k):
     mean, variance = bn_ops.widened_moments(keras.ops.reshape(x, (-1, k * channels)), channels)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(mean), x.astype("float64").mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variance), x.astype("float64").var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_renorm_affine_matches_the_paper(rng):
+    """Ioffe (2017), eq. 2: r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; then gamma * (x_hat * r + d) + beta."""
+    mean, variance = rng.normal(size=5), rng.uniform(0.1, 4.0, size=5)
+    renorm_mean, renorm_stddev = rng.normal(size=5), rng.uniform(0.5, 2.0, size=5)
+    gamma, beta, epsilon = rng.normal(size=5), rng.normal(size=5), 1e-3
+    clipping = {"rmin": 0.8, "rmax": 1.25, "dmax": 0.5}
+    r = np.clip(np.sqrt(variance + epsilon) / renorm_stddev, 0.8, 1.25)
+    d = np.clip((mean - renorm_mean) / renorm_stddev, -0.5, 0.5)
+    args = [ops.convert_to_tensor(v.astype("float32")) for v in (mean, variance, renorm_mean, renorm_stddev, gamma, beta)]
+    g, b = bn_ops.renorm_affine(*args, epsilon, clipping)
+    np.testing.assert_allclose(to_numpy(g), r * gamma, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(b), d * gamma + beta, rtol=1e-5, atol=1e-6)
+    # Without gamma and beta, and at the renorm statistics themselves: r = 1, d = 0.
+    stddev = np.sqrt(variance + epsilon).astype("float32")
+    g, b = bn_ops.renorm_affine(args[0], args[1], args[0], ops.convert_to_tensor(stddev), None, None, epsilon)
+    np.testing.assert_allclose(to_numpy(g), np.ones(5), rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(b), np.zeros(5), atol=1e-6)
