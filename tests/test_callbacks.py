@@ -292,9 +292,16 @@ with strategy.scope():
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
 seen = {}
 
+
+def copies(variable):
+    # Inside a replica a read is that replica's own copy: what inference there uses.
+    views = tf.function(lambda: strategy.run(lambda: tf.identity(variable.value)))()
+    return [np.asarray(c).tolist() for c in strategy.experimental_local_results(views)]
+
+
 class AtTestBegin(keras.callbacks.Callback):
     def on_test_begin(self, logs=None):
-        seen["mean"] = np.asarray(model.get_layer("bn").moving_mean).tolist()
+        seen["copies"] = copies(model.get_layer("bn").moving_mean)
         seen["features"] = np.asarray(model.get_layer("dense")(precise)).tolist()
 
 dataset = tf.data.Dataset.from_tensor_slices(precise).batch(8)
@@ -306,9 +313,8 @@ bn = model.get_layer("bn")
 print("RESULT " + json.dumps({
     "replicas": strategy.num_replicas_in_sync,
     "at_test_begin": seen,
-    "mean": np.asarray(bn.moving_mean).tolist(),
-    "variance": np.asarray(bn.moving_variance).tolist(),
-    "copies": [np.asarray(v).tolist() for v in strategy.experimental_local_results(bn.moving_mean)],
+    "copies": copies(bn.moving_mean),
+    "variance_copies": copies(bn.moving_variance),
     "features": np.asarray(model.get_layer("dense")(precise)).tolist(),
 }))
 """
@@ -324,10 +330,12 @@ def test_precise_bn_under_mirrored_strategy():
     data = json.loads(line[len("RESULT ") :])
     assert data["replicas"] == 2
     assert "PreciseBN (epoch 1)" in result.stdout
-    for features, mean in ((data["at_test_begin"]["features"], data["at_test_begin"]["mean"]), (data["features"], data["mean"])):
-        batches = np.asarray(features, np.float64).reshape(3, 8, -1)
+    # Every replica's own copy holds the population statistics, before validation and after fit.
+    for when in (data["at_test_begin"], data):
+        batches = np.asarray(when["features"], np.float64).reshape(3, 8, -1)
         moments = [np_moments(b, -1) for b in batches]
-        np.testing.assert_allclose(mean, np.mean([m for m, _ in moments], axis=0), atol=1e-5)
-    np.testing.assert_allclose(data["variance"], np.mean([v for _, v in moments], axis=0), atol=1e-5)
-    for copy in data["copies"]:
-        np.testing.assert_allclose(copy, data["mean"], atol=1e-6)
+        assert len(when["copies"]) == 2
+        for copy in when["copies"]:
+            np.testing.assert_allclose(copy, np.mean([m for m, _ in moments], axis=0), atol=1e-5)
+    for copy in data["variance_copies"]:
+        np.testing.assert_allclose(copy, np.mean([v for _, v in moments], axis=0), atol=1e-5)
