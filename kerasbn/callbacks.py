@@ -112,7 +112,11 @@ class PreciseBN(keras.callbacks.Callback):
     model's variables before each of these hooks, and `evaluate` reads them
     after `on_test_begin`. Under a `tf.distribute` strategy the hooks run in
     cross-replica context, where `recompute_statistics` runs each batch
-    whole on one device and writes the result to every replica.
+    whole on one device and writes the result to every replica's copy.
+    Under `MultiWorkerMirroredStrategy` each worker recomputes from the
+    `dataset` it was given: give every worker the same batches, or list
+    `SyncMovingStatistics` after this callback so that the workers' results
+    are averaged (the average over all workers' batches).
 
     Args:
         dataset: The batches to estimate the statistics from: an iterable
@@ -183,6 +187,7 @@ class PreciseBN(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._in_fit = True
+        self._due = False
         self._fresh = False
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import BACKEND, np_moments, run_python, tf_only
+from conftest import np_moments, run_python, tf_only
 
 import keras
 
