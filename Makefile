@@ -33,7 +33,7 @@ train: $(STAMP) data
 test: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 	@# The layers' math is keras.ops: their tests run under JAX too (exit 5: ARGS selected none of them).
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py tests/test_experimental.py $(ARGS) || [ $$? -eq 5 ]
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py tests/test_experimental.py tests/test_callbacks.py $(ARGS) || [ $$? -eq 5 ]
 
 test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow tests $(ARGS)
