@@ -342,7 +342,7 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             # (`output_names`, the keys of a compiled model's losses), and a
             # batch norm in another dtype than its input (float32 at the end
             # of a mixed-precision model) keeps casting to it.
-            marker = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+            marker = _identity_like(layer)
             skip_new[id(marker)] = id(layer) in output_layers
             return marker
         if _is_graph_model(layer):
@@ -376,7 +376,7 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
                 layers.append(clone_layer(layer))
             elif layer.compute_dtype != previous.compute_dtype:
                 # Casts to the batch norm's dtype, as the batch norm did.
-                layers.append(keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy))
+                layers.append(_identity_like(layer))
         new_model = keras.Sequential([inputs] + layers, name=model.name, trainable=model.trainable)
         if model.compiled:
             # As keras.models.clone_model does (and so the Functional path below).
@@ -405,6 +405,17 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
     for assign in assignments:
         assign()
     return new_model
+
+
+def _identity_like(layer):
+    """A `keras.layers.Identity` with `layer`'s name and dtype policy, that saves.
+
+    Identity has no `get_config` of its own: Keras rebuilds its config from
+    the `__init__` arguments, and only if they are plain values, so the
+    policy goes in serialized (a DTypePolicy object would make the model
+    fail to save).
+    """
+    return keras.layers.Identity(name=layer.name, dtype=keras.dtype_policies.serialize(layer.dtype_policy))
 
 
 def _check_no_hidden_batch_norm(layer, path) -> None:
