@@ -70,20 +70,29 @@ def assert_round_trips(model, x, tmp_path, export=False, safe_mode=True):
     (`format="tf_saved_model"`) and serves `x` through it. Returns the
     loaded model.
     """
+
+    def assert_same_outputs(actual, expected):
+        actual, expected = keras.tree.flatten(actual), keras.tree.flatten(expected)
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(e), rtol=SAVE_TOL, atol=SAVE_TOL)
+
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
-    expected = to_numpy(model(x, training=False))
+    expected = model(x, training=False)
     model.save(folder / "model.keras")
     loaded = keras.models.load_model(folder / "model.keras", safe_mode=safe_mode)
     assert [type(layer) for layer in loaded._flatten_layers()] == [type(layer) for layer in model._flatten_layers()]
-    np.testing.assert_allclose(to_numpy(loaded(x, training=False)), expected, rtol=SAVE_TOL, atol=SAVE_TOL)
+    assert_same_outputs(loaded(x, training=False), expected)
     if export and BACKEND == "tensorflow":
         import tensorflow as tf
 
         model.export(str(folder / "saved"), format="tf_saved_model", verbose=False)
         # Held in a name: the served function needs the loaded object's variables alive.
         saved = tf.saved_model.load(str(folder / "saved"))
-        served = saved.serve(tf.constant(x))
-        np.testing.assert_allclose(np.asarray(served), expected, rtol=SAVE_TOL, atol=SAVE_TOL)
+        # Against the model's own graph: under mixed_bfloat16 TensorFlow's graph mode rounds
+        # otherwise than eager (measured 8e-3 on a stock model), and a SavedModel is a graph.
+        graph = tf.function(lambda t: model(t, training=False))(tf.constant(x))
+        assert_same_outputs(saved.serve(tf.constant(x)), graph)
     return loaded
 
 
