@@ -78,20 +78,29 @@ def convert(model: keras.Model, to: str = "kerasbn") -> keras.Model:
     moving mean and variance, renorm statistics), every config value, layer
     names and dtype policies carry over, so outputs agree in inference and in
     training mode. Other layers are cloned with their weights. Sequential and
-    Functional models work, nested inside each other too. Call it inside
-    `strategy.scope()` to put the new model's variables on that strategy.
+    Functional models work, nested inside each other too, and so does a batch
+    norm (or a model) inside `keras.layers.TimeDistributed` or another
+    `keras.layers.Wrapper` rebuilt from its config's `layer`: the wrapper is
+    rebuilt around the converted layer. Call it inside `strategy.scope()` to
+    put the new model's variables on that strategy.
 
     Args:
         model: A built Sequential or Functional Keras model.
         to: "kerasbn" or "keras".
 
     Returns:
-        A new model; `model` is not changed.
+        A new model; `model` is not changed. It is a plain `keras.Sequential`
+        or Functional model: a subclass (a keras-hub backbone or task model,
+        for one) loses its class, its own methods, attributes and config,
+        and keeps its layers, weights and outputs (Keras keeps only a
+        Functional subclass whose constructor takes `(inputs, outputs,
+        name=...)`). The result saves to `.keras` (load it with kerasbn
+        imported).
 
     Raises:
         ValueError: for an unknown `to`, a model that is neither Sequential nor
             Functional, a custom layer or subclassed model holding a batch norm
-            (it cannot be rebuilt from outside), or, with `to="keras"`, a
+            (it cannot be rebuilt from outside; so is Bidirectional), or, with `to="keras"`, a
             `kerasbn.BatchNorm` the stock layer cannot express
             (`virtual_batch_size`, several feature axes).
     """
@@ -119,9 +128,13 @@ def fold(model: keras.Model) -> keras.Model:
       linear, whose output feeds nothing but that batch norm, and whose
       output channels are the batch norm's only feature axis, is folded into
       that layer's kernel and bias (a bias is added where there was none):
-      `kerasbn.ops.fold_into_kernel`, computed in float64.
+      `kerasbn.ops.fold_into_kernel`, computed in float64. The same holds
+      for a `TimeDistributed` batch norm right after a `TimeDistributed`
+      layer of those kinds.
     * Every other batch norm becomes a `kerasbn.Affine` layer: the constant
-      per-channel `x * a + b` that `BatchNorm(training=False)` computes.
+      per-channel `x * a + b` that `BatchNorm(training=False)` computes,
+      inside the same wrapper where the batch norm was inside a
+      `TimeDistributed` (or another wrapper `convert` can rebuild).
 
     A folded batch norm that was a Functional model's output, or cast to
     another dtype (float32 in a mixed-precision model), leaves an `Identity`
@@ -134,11 +147,16 @@ def fold(model: keras.Model) -> keras.Model:
         model: A built Sequential or Functional Keras model.
 
     Returns:
-        A new model with attribute `fold_report`; `model` is not changed.
+        A new model with attribute `fold_report` (not saved with it);
+        `model` is not changed. As with `convert`, it is a plain
+        `keras.Sequential` or Functional model: a subclass (a keras-hub
+        backbone or task model, for one) loses its class, its own methods,
+        attributes and config.
 
     Raises:
         ValueError: `model` is neither Sequential nor Functional, or a custom
-            layer or subclassed model holds a batch norm.
+            layer, a subclassed model or a Bidirectional wrapper holds a
+            batch norm.
     """
     report = {"folded": [], "affine": []}
     folded = _fold(_check_model(model), report, path="")
@@ -156,7 +174,7 @@ def _fold(model, report, path):
     def clone(layer, layer_path):
         if id(layer) in producers:
             bn = producers[id(layer)]
-            new = layer.__class__.from_config({**layer.get_config(), "use_bias": True})
+            new = _with_bias(layer)
             report["folded"].append((layer_path, _join(path, bn.name)))
             return new, lambda: _assign_folded(layer, bn, new)
         if is_batch_norm(layer):
@@ -175,7 +193,7 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
         return {
             id(bn): (bn, producer)
             for producer, bn in zip(layers, layers[1:])
-            if is_batch_norm(bn) and _can_fold_into(producer, bn)
+            if _is_time_distributed_batch_norm(bn) and _can_fold_into(producer, bn)
         }
     nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
     calls: Dict[int, int] = {}
@@ -193,7 +211,7 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
         # Embedding, a Masking layer) arrives as a second tensor, in `mask=`,
         # and inference ignores it.
         args = node.arguments.args
-        if not is_batch_norm(bn) or calls[id(bn)] != 1 or len(args) != 1 or not isinstance(args[0], keras.KerasTensor):
+        if not _is_time_distributed_batch_norm(bn) or calls[id(bn)] != 1 or len(args) != 1 or not isinstance(args[0], keras.KerasTensor):
             continue
         tensor = args[0]
         producer = tensor._keras_history.operation
@@ -202,8 +220,18 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
     return pairs
 
 
+def _is_time_distributed_batch_norm(layer) -> bool:
+    """A batch norm, or one inside (nested) `TimeDistributed` wrappers."""
+    while type(layer) is keras.layers.TimeDistributed:
+        layer = layer.layer
+    return is_batch_norm(layer)
+
+
 def _can_fold_into(producer, bn) -> bool:
     """Whether `bn` normalizes exactly the output channels of a linear `producer`."""
+    if type(bn) is keras.layers.TimeDistributed:
+        # The same pair applied to every time step: the inner layers fold.
+        return type(producer) is keras.layers.TimeDistributed and _can_fold_into(producer.layer, bn.layer)
     if type(producer) not in _FOLDABLE:
         return False
     if producer.activation is not keras.activations.linear:
@@ -218,7 +246,16 @@ def _can_fold_into(producer, bn) -> bool:
     return _feature_axes(bn, rank) == (channel_axis,)
 
 
+def _with_bias(producer):
+    """A copy of the (unbuilt) `producer` with a bias, to receive a folded batch norm."""
+    if type(producer) is keras.layers.TimeDistributed:
+        return _rewrap(producer, _with_bias(producer.layer))
+    return producer.__class__.from_config({**producer.get_config(), "use_bias": True})
+
+
 def _assign_folded(producer, bn, new) -> None:
+    while type(producer) is keras.layers.TimeDistributed:
+        producer, bn, new = producer.layer, bn.layer, new.layer
     kernel_name, channel_axes = _FOLDABLE[type(producer)]
     old = {w.name: w for w in producer.weights}
     stats = _statistics(bn)
@@ -331,8 +368,8 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
     skip_new = {}  # id(Identity marker) -> whether it is called (a model output)
     output_layers = {id(tensor._keras_history.operation) for tensor in model.outputs}
 
-    def clone_layer(layer):
-        layer_path = _join(path, layer.name)
+    def clone_layer(layer, layer_path=None):
+        layer_path = layer_path or _join(path, layer.name)
         if isinstance(layer, keras.layers.InputLayer) or not isinstance(layer, keras.layers.Layer):
             # A bare `keras.ops` call in the graph (ops.relu, the NotEqual of
             # a mask): an Operation without weights or sublayers, kept as it is.
@@ -342,7 +379,7 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             # (`output_names`, the keys of a compiled model's losses), and a
             # batch norm in another dtype than its input (float32 at the end
             # of a mixed-precision model) keeps casting to it.
-            marker = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+            marker = _identity_like(layer)
             skip_new[id(marker)] = id(layer) in output_layers
             return marker
         if _is_graph_model(layer):
@@ -352,6 +389,11 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
             new, assign = replaced
             assignments.append(assign)
             return new
+        if _is_rewrappable(layer) and _holds_batch_norm(layer):
+            # The wrapped layer goes through the same rules as a layer of
+            # the graph (a batch norm is replaced, a nested model rebuilt).
+            inner = layer.layer
+            return _rewrap(layer, clone_layer(inner, _join(layer_path, inner.name)))
         _check_no_hidden_batch_norm(layer, layer_path)
         if isinstance(layer, keras.layers.Lambda) and not layer.weights:
             # Stateless, and its config would only re-load this process's own
@@ -376,7 +418,7 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
                 layers.append(clone_layer(layer))
             elif layer.compute_dtype != previous.compute_dtype:
                 # Casts to the batch norm's dtype, as the batch norm did.
-                layers.append(keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy))
+                layers.append(_identity_like(layer))
         new_model = keras.Sequential([inputs] + layers, name=model.name, trainable=model.trainable)
         if model.compiled:
             # As keras.models.clone_model does (and so the Functional path below).
@@ -405,6 +447,52 @@ def _rebuild(model, clone: Callable, skipped, path: str, nested: Optional[Callab
     for assign in assignments:
         assign()
     return new_model
+
+
+def _identity_like(layer):
+    """A `keras.layers.Identity` with `layer`'s name and dtype policy, that saves.
+
+    Identity has no `get_config` of its own: Keras rebuilds its config from
+    the `__init__` arguments, and only if they are plain values, so the
+    policy goes in serialized (a DTypePolicy object would make the model
+    fail to save).
+    """
+    return keras.layers.Identity(name=layer.name, dtype=keras.dtype_policies.serialize(layer.dtype_policy))
+
+
+def _is_rewrappable(layer) -> bool:
+    """Whether `layer` is a wrapper that `_rewrap` can rebuild around a new inner layer.
+
+    That is a `keras.layers.Wrapper` (TimeDistributed, or one of its own)
+    whose config names its one inner layer in `layer` and that Keras rebuilds
+    the Wrapper way, `cls(inner, **config)`; whose weights all belong to that
+    inner layer; and that holds no batch norm outside it. Bidirectional
+    (its own `from_config`, a second, backward layer) is not one.
+    """
+    if not isinstance(layer, keras.layers.Wrapper):
+        return False
+    if getattr(type(layer).from_config, "__func__", None) is not keras.layers.Wrapper.from_config.__func__:
+        return False
+    if "layer" not in layer.get_config():
+        return False
+    inner_weights = {id(w) for w in layer.layer.weights}
+    if any(id(w) not in inner_weights for w in layer.weights):
+        return False
+    inner_layers = {id(sub) for sub in layer.layer._flatten_layers(include_self=True, recursive=True)}
+    return not any(
+        id(sub) not in inner_layers for sub in layer._flatten_layers(include_self=False, recursive=True) if is_batch_norm(sub)
+    )
+
+
+def _rewrap(wrapper, inner):
+    """A new `wrapper` (see `_is_rewrappable`) around `inner`, as `Wrapper.from_config` builds it."""
+    config = wrapper.get_config()
+    del config["layer"]
+    return type(wrapper)(inner, **config)
+
+
+def _holds_batch_norm(layer) -> bool:
+    return any(is_batch_norm(sub) for sub in layer._flatten_layers(include_self=False, recursive=True))
 
 
 def _check_no_hidden_batch_norm(layer, path) -> None:

@@ -1,4 +1,4 @@
-"""A fresh process for tests/test_convert.py: kerasbn.convert under MirroredStrategy on 2 logical CPUs.
+"""A fresh process for tests/test_transforms.py: kerasbn.convert under MirroredStrategy on 2 logical CPUs.
 
     PYTHONPATH=. python tests/_convert_worker.py OUT.json
 
@@ -13,6 +13,9 @@ fed a different slice, and writes to OUT.json:
 * `cross_replica`: the same statistics read outside the replicas (what
   `get_weights`, checkpoints and saved models hold), and `expected`: the
   float64 mean over replicas of each replica's own moving average;
+* `reloaded`: the trained model saved to `.keras` next to OUT.json and
+  loaded back outside the strategy: whether it has the same layer classes,
+  the same weights as the cross-replica reads, and the same inference outputs;
 * `reductions`: per-variable (`reduce_to`) and batched (`batch_reduce_to`)
   cross-device reductions made while tracing one training step, for networks
   of 2 and 8 residual blocks, stock and converted.
@@ -21,6 +24,7 @@ fed a different slice, and writes to OUT.json:
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -149,6 +153,19 @@ def main(out_path: str) -> None:
     results["expected_first"] = [(expected[0][i] + expected[1][i]) / 2 for i in range(2)]
     results["expected_first"] = [v.tolist() for v in results["expected_first"]]
     results["first_get_weights"] = [w.tolist() for w in first.get_weights()[2:]]
+    # Saved from the strategy's variables (the cross-replica reads), loaded as a plain model.
+    path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "converted.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    probe = rng.normal(0.0, 1.0, (2, 8, 8, 3)).astype("float32")
+    results["reloaded"] = {
+        "same_classes": [type(layer).__name__ for layer in loaded._flatten_layers()]
+        == [type(layer).__name__ for layer in model._flatten_layers()],
+        "same_weights": all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), model.get_weights())),
+        "max_output_difference": float(
+            np.max(np.abs(np.asarray(loaded(probe, training=False)) - np.asarray(model(probe, training=False))))
+        ),
+    }
     results["reductions"] = {}
     for blocks in (2, 8):
         stock_net = residual_net(blocks)
