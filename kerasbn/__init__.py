@@ -4,6 +4,7 @@
     model = keras.Sequential([keras.layers.Conv2D(6, 5), kerasbn.BatchNorm(), ...])
 """
 
+from kerasbn import experimental  # registers DecorrelatedBatchNorm, so a saved one loads after `import kerasbn`
 from kerasbn.affine import Affine
 from kerasbn.distributed import cross_replica_moments
 from kerasbn.transforms import FoldReport, convert, fold
