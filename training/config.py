@@ -164,22 +164,24 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m trai
 def run_cli(parse_args, run, argv=None) -> int:
     """A driver's `main`: parse the flags, run, and turn the expected failures into one line.
 
-    Returns 0 on success, 2 for a bad flag (`ConfigError`), 1 for a data or
-    export error; any other exception keeps its traceback.
+    Returns `run`'s own exit status when it returns an int (tune's does), else
+    0 on success; 2 for a bad flag (`ConfigError`), 1 for a data, run-folder or
+    export error (`DataError`, `RunError` and its `ExportError`); any other
+    exception keeps its traceback.
     """
     import sys
 
     try:
-        run(parse_args(argv))
+        status = run(parse_args(argv))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # data and export errors: one clear line, not a traceback
+    except Exception as error:  # data, run-folder and export errors: one clear line, not a traceback
         from training.data import DataError
-        from training.export import ExportError
+        from training.runs import RunError
 
-        if isinstance(error, (DataError, ExportError)):
+        if isinstance(error, (DataError, RunError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
-    return 0
+    return status if isinstance(status, int) else 0

@@ -32,6 +32,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from training import artifacts
+from training.runs import load_run_model
 from training.config import ConfigError, TrainConfig, add_flags, config_from_args, run_cli
 
 # The tuning search's best learning rate without BN (README, "Tuning the learning rate").
@@ -323,16 +324,6 @@ def measure_biases(config: TrainConfig, run_dir: str) -> Dict:
             }
         )
     return {"layers": rows}
-
-
-def load_run_model(run_dir: str):
-    """The run's saved model (model.keras); kerasbn's layers must be registered before it loads."""
-    import keras
-
-    import kerasbn  # noqa: F401  (registers BatchNorm)
-    import kerasbn.experimental  # noqa: F401  (registers DecorrelatedBatchNorm)
-
-    return keras.models.load_model(os.path.join(run_dir, "model.keras"))
 
 
 def evaluate_saved_model(config: TrainConfig, run_dir: str) -> Tuple[float, int]:

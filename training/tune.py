@@ -87,7 +87,7 @@ import time
 import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from training.config import ConfigError, TrainConfig, add_flags, config_from_args
+from training.config import ConfigError, TrainConfig, add_flags, config_from_args, run_cli
 
 TUNERS = ("random", "hyperband", "bayesian")
 BATCH_SIZES = (64, 128, 256, 512)
@@ -839,24 +839,8 @@ def run(tune: TuneConfig, train: TrainConfig) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m training.tune`. Returns the exit status."""
-    try:
-        tune, train = parse_args(argv)
-        return run(tune, train)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # data and export errors: one clear line, not a traceback
-        from training.data import DataError
-
-        try:
-            from training.export import ExportError
-        except ImportError:
-            ExportError = DataError
-        if isinstance(error, (DataError, ExportError)):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
+    """`python -m training.tune`. Returns the exit status: 0, 1 (a failed search; a data or export error) or 2 (a bad flag)."""
+    return run_cli(parse_args, lambda configs: run(*configs), argv)
 
 
 if __name__ == "__main__":
