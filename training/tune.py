@@ -1,4 +1,4 @@
-"""Learning-rate search for LeNet-BN with keras-tuner, under the training module's distribution strategy.
+"""Learning-rate search for LeNet-BN with keras-tuner, under `training.distribute`'s strategy.
 
     python -m training.tune                                          # the default search (`make tune`)
     python -m training.tune --tuner hyperband --max-trials 20 --norm kerasbn
@@ -84,7 +84,7 @@ import shutil
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from training.config import ConfigError, TrainConfig, add_flags, config_from_args, run_cli
+from training.config import ConfigError, TrainConfig, add_flags, config_from_args, flag_field, flag_name, run_cli
 
 TUNERS = ("random", "hyperband", "bayesian")
 BATCH_SIZES = (64, 128, 256, 512)
@@ -112,33 +112,29 @@ RESULT_COLUMNS = (
 )
 
 
-def _field(default, help: str, **kwargs):
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclasses.dataclass
 class TuneConfig:
     """Settings of one learning-rate search; the shared training flags live in `TrainConfig`."""
 
-    tuner: str = _field("random", "keras-tuner algorithm: RandomSearch, Hyperband or BayesianOptimization.", choices=TUNERS)
-    max_trials: int = _field(20, "Number of trials (Hyperband: an upper bound on its brackets' trials).")
-    epochs: int = _field(4, "Training epochs per trial (Hyperband: the most epochs one trial reaches).")
-    lr_min: float = _field(1e-3, "Smallest learning rate; sampled log-uniformly in [lr-min, lr-max].")
-    lr_max: float = _field(10.0, "Largest learning rate.")
-    tune_batch_size: bool = _field(False, f"Also search the global batch size over {BATCH_SIZES} (else --batch-size).")
-    tune_bn_momentum: bool = _field(False, f"Also search the BN momentum over {BN_MOMENTA} (else --bn-momentum).")
-    compare_norms: bool = _field(False, "Search the norm too: --norm's BN layer against no BN (one plot series each).")
-    overwrite: bool = _field(False, "Delete runs/tune-<name>/ and start afresh (else an existing search is resumed).")
-    name: Optional[str] = _field(None, "The search folder is runs/tune-<name> (default: derived from the settings).")
-    search_examples: int = _field(0, "Search on the first N training examples only, 0 = all (retraining uses all).")
-    val_fraction: float = _field(0.2, "Fraction of the search examples held out to score trials (never the test set).")
-    retrain_epochs: int = _field(10, "Epochs to retrain the best configuration on the full training set (0 = skip).")
-    divergence_loss: float = _field(
+    tuner: str = flag_field("random", "keras-tuner algorithm: RandomSearch, Hyperband or BayesianOptimization.", choices=TUNERS)
+    max_trials: int = flag_field(20, "Number of trials (Hyperband: an upper bound on its brackets' trials).")
+    epochs: int = flag_field(4, "Training epochs per trial (Hyperband: the most epochs one trial reaches).")
+    lr_min: float = flag_field(1e-3, "Smallest learning rate; sampled log-uniformly in [lr-min, lr-max].")
+    lr_max: float = flag_field(10.0, "Largest learning rate.")
+    tune_batch_size: bool = flag_field(False, f"Also search the global batch size over {BATCH_SIZES} (else --batch-size).")
+    tune_bn_momentum: bool = flag_field(False, f"Also search the BN momentum over {BN_MOMENTA} (else --bn-momentum).")
+    compare_norms: bool = flag_field(False, "Search the norm too: --norm's BN layer against no BN (one plot series each).")
+    overwrite: bool = flag_field(False, "Delete runs/tune-<name>/ and start afresh (else an existing search is resumed).")
+    name: Optional[str] = flag_field(None, "The search folder is runs/tune-<name> (default: derived from the settings).")
+    search_examples: int = flag_field(0, "Search on the first N training examples only, 0 = all (retraining uses all).")
+    val_fraction: float = flag_field(0.2, "Fraction of the search examples held out to score trials (never the test set).")
+    retrain_epochs: int = flag_field(10, "Epochs to retrain the best configuration on the full training set (0 = skip).")
+    divergence_loss: float = flag_field(
         round(10 * CHANCE_LOSS, 2),
         "A trial diverged when its mean training loss over an epoch exceeds this, or the loss turns NaN/inf (0 = NaN/inf only).",
     )
-    export_dir: str = _field("saved_models", "Where the retrained best model is exported (with --export).")
-    export_name: str = _field("lenet_bn_tuned", "Model folder under --export-dir.")
+    export_dir: str = flag_field("saved_models", "Where the retrained best model is exported (with --export).")
+    export_name: str = flag_field("lenet_bn_tuned", "Model folder under --export-dir.")
 
     def validate(self) -> "TuneConfig":
         """Raises ConfigError naming the flag and the value that cannot work."""
@@ -147,11 +143,11 @@ class TuneConfig:
         for name in ("max_trials", "epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value!r}")
+                raise ConfigError(f"`--{flag_name(name)}` must be a positive integer. Received: {name}={value!r}")
         for name in ("lr_min", "lr_max"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"`--{_flag(name)}` must be a positive finite number. Received: {name}={value!r}")
+                raise ConfigError(f"`--{flag_name(name)}` must be a positive finite number. Received: {name}={value!r}")
         if not self.lr_min < self.lr_max:
             raise ConfigError(
                 f"`--lr-min` must be smaller than `--lr-max`. Received: lr_min={self.lr_min!r}, lr_max={self.lr_max!r}"
@@ -181,10 +177,6 @@ class TuneConfig:
 
     def tune_dir(self, train: TrainConfig) -> str:
         return os.path.join("runs", f"tune-{self.name or self.default_name(train)}")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 # ------------------------------------------------------------ command line
@@ -496,13 +488,10 @@ def retrain(best: Dict, tune: TuneConfig, train: TrainConfig, tune_dir: str) -> 
     return config, train_module.run(config)
 
 
-def export_best(run_dir: str, tune: TuneConfig) -> Optional[str]:
-    """Exports the retrained model through `training.export`; None when that module is unavailable."""
-    try:
-        from training import export
-    except ImportError as error:
-        print(f"note: not exported, training.export is unavailable ({error})", file=sys.stderr)
-        return None
+def export_best(run_dir: str, tune: TuneConfig) -> str:
+    """Exports the retrained model through `training.export`; returns the new version folder."""
+    from training import export
+
     return export.export_run(run_dir, tune.export_dir, tune.export_name)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Dict, List, Optional, Tuple
 
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, flag_field
 
 
 # The tuning search's best learning rate without BN (README, "Tuning the learning rate").
@@ -104,22 +104,18 @@ EXERCISES: Dict[str, Exercise] = {
 }
 
 
-def _field(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class ExercisesConfig:
     """Which exercises, how many seeds, and the recipe they share."""
 
-    exercise: str = _field("all", f"Exercises to run, comma-separated: all, or of {', '.join(EXERCISES)}.")
-    seeds: int = _field(3, "Seeds per variant (0, 1, ... seeds-1).")
-    epochs: int = _field(10, "Epochs per run (the recipe's 10).")
-    quick: bool = _field(False, "1 epoch, 1 seed, 1024 training and 1000 test examples: every exercise in minutes.")
-    out: Optional[str] = _field(None, "Results folder (default: runs/exercises-<name>).")
-    overwrite: bool = _field(False, "Delete earlier results in the folder and start afresh (default: resume).")
-    data_dir: Optional[str] = _field(None, "Folder with the Fashion-MNIST IDX files (as for training.train).")
-    time_steps: bool = _field(True, "other-norms: time a training step of each normalization, interleaved.")
+    exercise: str = flag_field("all", f"Exercises to run, comma-separated: all, or of {', '.join(EXERCISES)}.")
+    seeds: int = flag_field(3, "Seeds per variant (0, 1, ... seeds-1).")
+    epochs: int = flag_field(10, "Epochs per run (the recipe's 10).")
+    quick: bool = flag_field(False, "1 epoch, 1 seed, 1024 training and 1000 test examples: every exercise in minutes.")
+    out: Optional[str] = flag_field(None, "Results folder (default: runs/exercises-<name>).")
+    overwrite: bool = flag_field(False, "Delete earlier results in the folder and start afresh (default: resume).")
+    data_dir: Optional[str] = flag_field(None, "Folder with the Fashion-MNIST IDX files (as for training.train).")
+    time_steps: bool = flag_field(True, "other-norms: time a training step of each normalization, interleaved.")
 
     def validate(self) -> "ExercisesConfig":
         for key in self.exercise_keys():
