@@ -4,6 +4,7 @@
     model = keras.Sequential([keras.layers.Conv2D(6, 5), kerasbn.BatchNorm(), ...])
 """
 
+from kerasbn import experimental  # registers DecorrelatedBatchNorm, so a saved one loads after `import kerasbn`
 from kerasbn.affine import Affine
 from kerasbn import callbacks
 from kerasbn.distributed import count_cross_replica_calls, cross_replica_moments, sync_moving_statistics

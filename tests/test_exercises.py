@@ -11,8 +11,9 @@ import pytest
 
 import keras
 from conftest import tf_only
-from training import exercises, models
-from training.exercises import EXERCISES, ExercisesConfig
+from training import models
+from training.exercises import EXERCISES, ExercisesConfig, main, measure, runner
+from training.exercises import report as exercise_report
 
 
 def _records(out):
@@ -86,15 +87,15 @@ def test_a_repeated_command_reruns_nothing_and_overwrite_starts_afresh(run_pytho
 def test_shared_configurations_share_one_run_folder():
     config = ExercisesConfig()
     variants = {(e.key, v.name): v for e in EXERCISES.values() for v in e.variants}
-    folder = {k: exercises.run_folder("out", config.train_config(v, 1)) for k, v in variants.items()}
+    folder = {k: runner.run_folder("out", config.train_config(v, 1)) for k, v in variants.items()}
     recipe = folder[("bias", "biases before BN (recipe)")]
     for key in [("dropout", "BN only (recipe)"), ("learning-rate", "BN, lr 1"), ("other-norms", "BatchNorm, moving averages")]:
         assert folder[key] == recipe
     assert folder[("placement", "none, lr 1.0")] == folder[("dropout", "neither")] == folder[("learning-rate", "no BN, lr 1")]
-    assert len({folder[k] for k in folder}) == len({exercises.config_hash(config.train_config(v, 1)) for v in variants.values()})
+    assert len({folder[k] for k in folder}) == len({runner.config_hash(config.train_config(v, 1)) for v in variants.values()})
     assert folder[("learning-rate", "BN, lr 0.1")] != recipe
-    assert exercises.run_folder("out", config.train_config(variants[("bias", "no bias before BN")], 2)) != folder[("bias", "no bias before BN")]
-    assert recipe.endswith(f"recipe-seed1-{exercises.config_hash(config.train_config(variants[('bias', 'biases before BN (recipe)')], 1))}")
+    assert runner.run_folder("out", config.train_config(variants[("bias", "no bias before BN")], 2)) != folder[("bias", "no bias before BN")]
+    assert recipe.endswith(f"recipe-seed1-{runner.config_hash(config.train_config(variants[('bias', 'biases before BN (recipe)')], 1))}")
 
 
 @tf_only
@@ -106,7 +107,7 @@ def test_the_gradient_reaching_a_bias_before_batch_norm_is_zero_up_to_rounding(n
     images = rng.uniform(size=(128, 28, 28, 1)).astype("float32")
     labels = rng.integers(0, 10, size=128)
     moving = [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables]
-    rows = {row["layer"]: row for row in exercises.bias_gradients(model, images, labels)}
+    rows = {row["layer"]: row for row in measure.bias_gradients(model, images, labels)}
     assert set(rows) == {"conv1", "conv2", "dense1", "dense2", "logits"}
     for name in ("conv1", "conv2", "dense1", "dense2"):
         assert rows[name]["before_norm"]
@@ -123,7 +124,7 @@ def test_without_batch_norm_the_same_biases_get_real_gradients():
     keras.utils.set_random_seed(3)
     model = models.build_lenet("none")
     rng = np.random.default_rng(0)
-    rows = exercises.bias_gradients(
+    rows = measure.bias_gradients(
         model, rng.uniform(size=(64, 28, 28, 1)).astype("float32"), rng.integers(0, 10, size=64)
     )
     for row in rows:
@@ -141,7 +142,7 @@ def test_without_batch_norm_the_same_biases_get_real_gradients():
     ],
 )
 def test_bad_flags_exit_2_with_a_message(flags, message, capsys):
-    assert exercises.main(flags) == 2
+    assert main(flags) == 2
     assert message in capsys.readouterr().err
 
 
@@ -187,9 +188,9 @@ def test_lenet_variants_for_the_exercises():
 
 
 def test_spread_formats_mean_and_range():
-    assert exercises.spread([0.5, 0.7, 0.6]) == "0.6000 (0.5000-0.7000)"
-    assert exercises.spread([0.25]) == "0.2500"
-    assert exercises.spread([None, None]) == "-"
+    assert exercise_report.spread([0.5, 0.7, 0.6]) == "0.6000 (0.5000-0.7000)"
+    assert exercise_report.spread([0.25]) == "0.2500"
+    assert exercise_report.spread([None, None]) == "-"
 
 
 def _record(variant, seed, test_acc, exercise="learning-rate"):
@@ -204,7 +205,7 @@ def test_report_and_plots_from_records(tmp_path):
     # Three seeds stuck at exactly chance level: their mean differs from them in the last bit.
     records = [_record("no BN, lr 10", seed, 0.1) for seed in range(3)]
     records += [_record("BN, lr 10", seed, acc) for seed, acc in enumerate((0.889, 0.893, 0.8873))]
-    exercises.write_report(str(tmp_path), records)
+    exercise_report.write_report(str(tmp_path), records)
     report = (tmp_path / "results.md").read_text()
     assert "| BN, lr 10 | 0.8898 (0.8873-0.8930) | - |" in report
     assert "| no BN, lr 10 | 0.1000 (0.1000-0.1000) |" in report

@@ -197,3 +197,39 @@ def test_bad_arguments_name_the_argument_and_value(kwargs, message):
     with pytest.raises(ValueError) as error:
         DecorrelatedBatchNorm(**kwargs)
     assert message in str(error.value)
+
+
+def test_import_kerasbn_alone_loads_a_saved_decorrelated_batch_norm(tmp_path, run_python):
+    # Two fresh processes: in this one kerasbn.experimental is already imported, which would hide a
+    # `kerasbn` that does not register DecorrelatedBatchNorm by itself.
+    path, inputs, expected = tmp_path / "dbn.keras", tmp_path / "x.npy", tmp_path / "y.npy"
+    run_python(
+        f"""
+        import keras, numpy as np
+        from kerasbn.experimental import DecorrelatedBatchNorm
+
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 6, 6, 2)).astype("float32")
+        model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3), DecorrelatedBatchNorm(momentum=0.5),
+                                  keras.layers.Flatten(), keras.layers.Dense(3)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, rng.normal(size=(64, 3)).astype("float32"), epochs=1, batch_size=32, verbose=0)
+        model.save({str(path)!r})
+        np.save({str(inputs)!r}, x)
+        np.save({str(expected)!r}, keras.ops.convert_to_numpy(model(x, training=False)))
+        """
+    )
+    result = run_python(
+        f"""
+        import sys
+        import keras, numpy as np
+        import kerasbn
+
+        model = keras.saving.load_model({str(path)!r})
+        layer = model.layers[1]
+        print(type(layer).__module__, type(layer).__name__)
+        y = keras.ops.convert_to_numpy(model(np.load({str(inputs)!r}), training=False))
+        np.testing.assert_allclose(y, np.load({str(expected)!r}), rtol=0, atol=1e-6)
+        """
+    )
+    assert "kerasbn.experimental DecorrelatedBatchNorm" in result.stdout

@@ -16,6 +16,7 @@ default, through `export_run`) and unfolded (each kerasbn.BatchNorm as its
   op types (no batch-normalization op once folded);
 * version numbering, the no-overwrite rule, and a crash leaving nothing;
 * wrong dtype/shape at the signatures, a run folder without a trained model;
+* `python -m training.export --run` on a `--norm decorrelated` run, in a fresh process;
 * the run's .keras file restoring the BatchNorm layers with their statistics;
 * TFLite accuracy equal to the SavedModel's within 0.1 percentage point.
 """
@@ -103,28 +104,34 @@ def test_split():
     return _test_split()
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A run folder as `python -m training.train` leaves it, and the trained model in memory."""
+def _train_run(run_dir: Path, norm: str):
+    """Trains LeNet with `norm` for 32 steps and writes `run_dir` as `python -m training.train` leaves it."""
     try:
         images, labels = data.load_arrays("train", limit=1024)
     except data.DataError as error:
         pytest.skip(f"Fashion-MNIST is not available: {error}")
     keras.utils.set_random_seed(1)
-    model = models.build_lenet("kerasbn", bn_momentum=0.9)
+    model = models.build_lenet(norm, bn_momentum=0.9)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     x = images[..., None].astype("float32") / 255.0
     history = model.fit(x, labels, batch_size=32, epochs=1, verbose=0)
-    # As the driver does: population statistics for the final weights (test accuracy ~0.7 instead of ~0.4).
-    kerasbn.recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(128))
-    run_dir = tmp_path_factory.mktemp("run")
+    if norm == "kerasbn":
+        # As the driver does: population statistics for the final weights (test accuracy ~0.7 instead of ~0.4).
+        kerasbn.recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(128))
     model.save(run_dir / "model.keras")
-    (run_dir / "config.json").write_text(json.dumps({"settings": {"norm": "kerasbn", "epochs": 1}}))
+    (run_dir / "config.json").write_text(json.dumps({"settings": {"norm": norm, "epochs": 1}}))
     (run_dir / "history.json").write_text(json.dumps([{"epoch": 1, "loss": history.history["loss"][-1]}]))
-    return run_dir, model
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run folder as `python -m training.train` leaves it, and the trained model in memory."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, _train_run(run_dir, "kerasbn")
 
 
 @pytest.fixture(scope="module")
@@ -483,6 +490,21 @@ def test_export_without_a_trained_model_fails_clearly(tmp_path, run_python):
 
     result = run_python(["-m", "training.export", "--help"], check=False)
     assert result.returncode == 0 and "--fold-bn, --no-fold-bn" in result.stdout and "--tflite" in result.stdout
+
+
+def test_export_of_a_decorrelated_run_in_a_fresh_process(tmp_path, test_split, run_python):
+    # A fresh process imports only what `training.export` imports: the saved DecorrelatedBatchNorm
+    # must be registered by `import kerasbn` itself.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model = _train_run(run_dir, "decorrelated")
+    result = run_python(["-m", "training.export", "--run", str(run_dir), "--base-dir", str(tmp_path / "sm")], check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = tmp_path / "sm" / export.DEFAULT_MODEL_NAME / "1"
+    assert f"Exported {run_dir} to {version} (batch norm folded into nothing)" in result.stdout
+    images = test_split[0][:BATCH]
+    logits = tf.saved_model.load(str(version)).signatures["serving_default"](images=tf.constant(images))["logits"]
+    np.testing.assert_allclose(logits.numpy(), _keras_logits(model, images), rtol=0, atol=1e-4)
 
 
 def test_bad_model_file_and_options_fail_clearly(tmp_path, capsys):

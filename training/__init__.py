@@ -1,4 +1,9 @@
-"""LeNet-BN on Fashion-MNIST: data, model, distribution strategy and the training driver."""
+"""LeNet-BN on Fashion-MNIST: data, model, distribution strategy and drivers.
+
+The drivers train it (`training.train`), search its learning rate
+(`training.tune`), export it (`training.export`) and answer the source
+chapter's exercises (`training.exercises`).
+"""
 
 import os
 

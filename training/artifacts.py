@@ -1,4 +1,4 @@
-"""Writing a run's files so that a crash never leaves a half-written one."""
+"""Writing a run's files (JSON, CSV, figures) so that a crash never leaves a half-written one."""
 
 from __future__ import annotations
 
@@ -50,17 +50,32 @@ def write_csv(path: str, rows: Sequence[Dict], columns: Sequence[str]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot_curves(path: str, history: List[Dict], title: str) -> None:
-    """Train loss, train accuracy and test accuracy per epoch in one figure."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are files, never windows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    """Writes `fig` as a PNG through a temporary file and a rename, then closes it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
+    fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot_curves(path: str, history: List[Dict], title: str) -> None:
+    """Train loss, train accuracy and test accuracy per epoch in one figure."""
     from matplotlib.ticker import MaxNLocator
 
+    epochs = [row["epoch"] for row in history]
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.plot(epochs, [row["loss"] for row in history], "o-", label="train loss")
     ax.plot(epochs, [row["train_acc"] for row in history], "s--", label="train acc")
     ax.plot(epochs, [row["test_acc"] for row in history], "^-.", label="test acc")
@@ -72,8 +87,4 @@ def plot_curves(path: str, history: List[Dict], title: str) -> None:
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)

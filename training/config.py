@@ -2,7 +2,9 @@
 
 Every field of `TrainConfig` is a flag (`--batch-size` for `batch_size`);
 its help text is the field's `help` metadata. The resolved config is written
-as `config.json` beside the run's artifacts.
+as `config.json` beside the run's artifacts. The other drivers (tune,
+exercises) declare their own settings with `flag_field` and share `add_flags`
+and `run_cli`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class ConfigError(ValueError):
     """A flag or config value that cannot work; the message names it and its value."""
 
 
-def _field(default, help: str, **kwargs):
+def flag_field(default, help: str, **kwargs):
+    """A config field that `add_flags` makes a flag: `help` is its help text; `choices=` limits its values."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -30,39 +33,39 @@ def _field(default, help: str, **kwargs):
 class TrainConfig:
     """Settings of one LeNet-BN training run on Fashion-MNIST."""
 
-    epochs: int = _field(10, "Number of passes over the training set.")
-    lr: float = _field(1.0, "SGD learning rate (the source text uses 1.0 with BN, 0.9 without).")
-    batch_size: int = _field(256, "GLOBAL batch size, split across all replicas.")
-    norm: str = _field(
+    epochs: int = flag_field(10, "Number of passes over the training set.")
+    lr: float = flag_field(1.0, "SGD learning rate (the source text uses 1.0 with BN, 0.9 without).")
+    batch_size: int = flag_field(256, "GLOBAL batch size, split across all replicas.")
+    norm: str = flag_field(
         "kerasbn",
         "Normalization layer: kerasbn.BatchNorm, keras.layers.BatchNormalization, none, LayerNormalization, "
         "GroupNormalization, or kerasbn.experimental.DecorrelatedBatchNorm.",
         choices=NORMS,
     )
-    norm_places: str = _field("all", "Where the normalization goes: all four places, the conv layers, the dense hidden layers, or the first conv only.", choices=NORM_PLACES)
-    bias: bool = _field(True, "Biases in the conv/dense layers that a normalization follows (--no-bias drops them).")
-    dropout: float = _field(0.0, "Rate of a Dropout after each hidden dense layer (0 = none).")
-    affine: bool = _field(True, "Learn the normalization's gamma and beta (--no-affine fixes gamma = 1, beta = 0).")
-    bn_momentum: float = _field(0.9, "Moving-average momentum of the BN layers (Keras convention: weight of the OLD value).")
-    sync_bn: bool = _field(False, "Batch statistics over the global batch of all replicas (synchronized=True).")
-    strategy: str = _field("auto", "tf.distribute strategy: auto = MirroredStrategy over several GPUs (or --cpu-replicas), else one device.", choices=STRATEGIES)
-    cpu_replicas: int = _field(0, "Split the CPU into N logical devices so MirroredStrategy runs N replicas without GPUs (0 = off).")
-    seed: int = _field(0, "Random seed: same seed and strategy give the same history.")
-    limit_train: Optional[int] = _field(None, "Train on the first N training examples only (smoke runs).")
-    limit_test: Optional[int] = _field(None, "Evaluate on the first N test examples only (smoke runs).")
-    data_dir: Optional[str] = _field(None, "Folder with the Fashion-MNIST IDX .gz files (default: $KERASBN_DATA_DIR or /usr/share/datasets/fashion-mnist).")
-    out: Optional[str] = _field(None, "Run folder (default: runs/<run-name>). An existing folder with a checkpoint is resumed.")
-    run_name: Optional[str] = _field(None, "Name of the run folder under runs/ (default: derived from the settings).")
-    recompute_stats_batches: int = _field(200, "After training, recompute BN statistics over this many training batches (0 = off; kerasbn only).")
-    quiet: bool = _field(False, "No progress bars.")
-    export: bool = _field(True, "Export a SavedModel to saved_models/ at the end (chief only).")
+    norm_places: str = flag_field("all", "Where the normalization goes: all four places, the conv layers, the dense hidden layers, or the first conv only.", choices=NORM_PLACES)
+    bias: bool = flag_field(True, "Biases in the conv/dense layers that a normalization follows (--no-bias drops them).")
+    dropout: float = flag_field(0.0, "Rate of a Dropout after each hidden dense layer (0 = none).")
+    affine: bool = flag_field(True, "Learn the normalization's gamma and beta (--no-affine fixes gamma = 1, beta = 0).")
+    bn_momentum: float = flag_field(0.9, "Moving-average momentum of the BN layers (Keras convention: weight of the OLD value).")
+    sync_bn: bool = flag_field(False, "Batch statistics over the global batch of all replicas (synchronized=True).")
+    strategy: str = flag_field("auto", "tf.distribute strategy: auto = MirroredStrategy over several GPUs (or --cpu-replicas), else one device.", choices=STRATEGIES)
+    cpu_replicas: int = flag_field(0, "Split the CPU into N logical devices so MirroredStrategy runs N replicas without GPUs (0 = off).")
+    seed: int = flag_field(0, "Random seed: same seed and strategy give the same history.")
+    limit_train: Optional[int] = flag_field(None, "Train on the first N training examples only (smoke runs).")
+    limit_test: Optional[int] = flag_field(None, "Evaluate on the first N test examples only (smoke runs).")
+    data_dir: Optional[str] = flag_field(None, "Folder with the Fashion-MNIST IDX .gz files (default: $KERASBN_DATA_DIR or /usr/share/datasets/fashion-mnist).")
+    out: Optional[str] = flag_field(None, "Run folder (default: runs/<run-name>). An existing folder with a checkpoint is resumed.")
+    run_name: Optional[str] = flag_field(None, "Name of the run folder under runs/ (default: derived from the settings).")
+    recompute_stats_batches: int = flag_field(200, "After training, recompute BN statistics over this many training batches (0 = off; kerasbn only).")
+    quiet: bool = flag_field(False, "No progress bars.")
+    export: bool = flag_field(True, "Export a SavedModel to saved_models/ at the end (chief only).")
 
     def validate(self) -> "TrainConfig":
         """Raises ConfigError for values that cannot work."""
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size}
         for name, value in positive_ints.items():
             if value < 1:
-                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value}")
+                raise ConfigError(f"`--{flag_name(name)}` must be a positive integer. Received: {name}={value}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"`--lr` must be a positive finite number. Received: lr={self.lr}")
         if not 0.0 <= self.bn_momentum < 1.0:
@@ -76,7 +79,7 @@ class TrainConfig:
         for name in ("limit_train", "limit_test"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value}")
+                raise ConfigError(f"`--{flag_name(name)}` must be a positive integer. Received: {name}={value}")
         if self.norm_places not in NORM_PLACES:
             raise ConfigError(f"`--norm-places` must be one of {NORM_PLACES}. Received: norm_places={self.norm_places!r}")
         if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
@@ -127,7 +130,8 @@ class TrainConfig:
         return self.out or os.path.join("runs", self.run_name or self.default_run_name())
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The flag of a config field, without its dashes: `batch_size` -> `batch-size`."""
     return name.replace("_", "-")
 
 
@@ -136,7 +140,7 @@ def add_flags(parser: argparse.ArgumentParser, config_cls=TrainConfig, skip: Seq
     for field in dataclasses.fields(config_cls):
         if field.name in skip:
             continue
-        flag = "--" + _flag(field.name)
+        flag = "--" + flag_name(field.name)
         help_text = field.metadata.get("help", "") + f" (default: {field.default})"
         if field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
@@ -164,22 +168,24 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m trai
 def run_cli(parse_args, run, argv=None) -> int:
     """A driver's `main`: parse the flags, run, and turn the expected failures into one line.
 
-    Returns 0 on success, 2 for a bad flag (`ConfigError`), 1 for a data or
-    export error; any other exception keeps its traceback.
+    Returns `run`'s own exit status when it returns an int (tune's does), else
+    0 on success; 2 for a bad flag (`ConfigError`), 1 for a data, run-folder or
+    export error (`DataError`, `RunError` and its `ExportError`); any other
+    exception keeps its traceback.
     """
     import sys
 
     try:
-        run(parse_args(argv))
+        status = run(parse_args(argv))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # data and export errors: one clear line, not a traceback
+    except Exception as error:  # data, run-folder and export errors: one clear line, not a traceback
         from training.data import DataError
-        from training.export import ExportError
+        from training.runs import RunError
 
-        if isinstance(error, (DataError, ExportError)):
+        if isinstance(error, (DataError, RunError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
         raise
-    return 0
+    return status if isinstance(status, int) else 0

@@ -51,9 +51,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from training.runs import MODEL_FILE, RunError, check_run_dir, load_run_model
+
 DEFAULT_BASE_DIR = "saved_models"
 DEFAULT_MODEL_NAME = "lenet_bn"
-MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 EXPORT_INFO_FILE = os.path.join("assets.extra", "export.json")
 KERAS_COPY_FILE = os.path.join("assets.extra", MODEL_FILE)
@@ -74,53 +75,8 @@ _MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SELF_CHECK_TOLERANCE = 1e-3
 
 
-class ExportError(RuntimeError):
-    """The run cannot be exported; the message says why and what to do."""
-
-
-# ------------------------------------------------------------ the run folder
-
-
-def check_run_dir(run_dir: str) -> str:
-    """Returns the path of the run's trained model, or raises ExportError saying what is missing.
-
-    Needs no TensorFlow, so a wrong `--run` is reported at once.
-    """
-    if not os.path.isdir(run_dir):
-        raise ExportError(
-            f"`--run` must be a run folder written by `python -m training.train`. "
-            f"Received: run={run_dir!r}, which does not exist or is not a folder."
-        )
-    model_path = os.path.join(run_dir, MODEL_FILE)
-    if not os.path.isfile(model_path):
-        found = sorted(name for name in os.listdir(run_dir) if not name.startswith("."))
-        raise ExportError(
-            f"Run folder {run_dir} has no trained model ({MODEL_FILE}); the driver writes it only when "
-            f"training has finished. Found: {found or 'nothing'}. Finish the run with "
-            f"`python -m training.train --out {run_dir} ...` (it resumes from the latest checkpoint) "
-            f"and export again. Received: run={run_dir!r}"
-        )
-    return model_path
-
-
-def load_run_model(run_dir: str):
-    """Loads the run's `model.keras`, with `kerasbn` imported so BatchNorm layers deserialise.
-
-    Raises:
-        ExportError: the run folder has no model, or the file cannot be loaded.
-    """
-    model_path = check_run_dir(run_dir)
-    import keras
-
-    import kerasbn  # noqa: F401  registers kerasbn>BatchNorm with Keras
-
-    try:
-        return keras.saving.load_model(model_path, compile=False)
-    except Exception as error:  # a truncated zip, an unknown layer, ...
-        raise ExportError(
-            f"Cannot load the trained model {model_path}: {type(error).__name__}: {error}. "
-            f"Received: run={run_dir!r}"
-        ) from error
+class ExportError(RunError):
+    """The model cannot be exported; the message says why and what to do."""
 
 
 # ------------------------------------------------------------ folding
@@ -512,7 +468,8 @@ def export_run(
         The new version folder.
 
     Raises:
-        ExportError: see `check_run_dir`, `load_run_model` and `export_model`.
+        RunError: the run folder has no loadable model (`training.runs.load_run_model`).
+        ExportError: see `export_model`.
     """
     check_run_dir(run_dir)
     _check_options(model_name, fold_bn, tflite)
@@ -563,7 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         export_run(args.run, args.base_dir, args.model_name, fold_bn=args.fold_bn, tflite=args.tflite)
-    except ExportError as error:
+    except RunError as error:  # ExportError included
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

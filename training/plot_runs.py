@@ -38,13 +38,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no finished run (summary.json) in: {', '.join(missing)}", file=sys.stderr)
         return 1
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from training import artifacts
+
+    fig, ax = artifacts.pyplot().subplots(figsize=(7, 4.5))
     rows: List[str] = ["| run | test acc, moving averages | test acc, recomputed | train acc |", "|---|---|---|---|"]
     for run_dir in args.runs:
         history, summary, config = _load(run_dir)
@@ -62,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    artifacts.save_figure(fig, args.out, dpi=110)
     print("\n".join(rows))
     return 0
 

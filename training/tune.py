@@ -1,4 +1,4 @@
-"""Learning-rate search for LeNet-BN with keras-tuner, under the training module's distribution strategy.
+"""Learning-rate search for LeNet-BN with keras-tuner, under `training.distribute`'s strategy.
 
     python -m training.tune                                          # the default search (`make tune`)
     python -m training.tune --tuner hyperband --max-trials 20 --norm kerasbn
@@ -78,16 +78,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import shutil
 import sys
-import time
-import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from training.config import ConfigError, TrainConfig, add_flags, config_from_args
+from training.config import ConfigError, TrainConfig, add_flags, config_from_args, flag_field, flag_name, run_cli
 
 TUNERS = ("random", "hyperband", "bayesian")
 BATCH_SIZES = (64, 128, 256, 512)
@@ -115,33 +112,29 @@ RESULT_COLUMNS = (
 )
 
 
-def _field(default, help: str, **kwargs):
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclasses.dataclass
 class TuneConfig:
     """Settings of one learning-rate search; the shared training flags live in `TrainConfig`."""
 
-    tuner: str = _field("random", "keras-tuner algorithm: RandomSearch, Hyperband or BayesianOptimization.", choices=TUNERS)
-    max_trials: int = _field(20, "Number of trials (Hyperband: an upper bound on its brackets' trials).")
-    epochs: int = _field(4, "Training epochs per trial (Hyperband: the most epochs one trial reaches).")
-    lr_min: float = _field(1e-3, "Smallest learning rate; sampled log-uniformly in [lr-min, lr-max].")
-    lr_max: float = _field(10.0, "Largest learning rate.")
-    tune_batch_size: bool = _field(False, f"Also search the global batch size over {BATCH_SIZES} (else --batch-size).")
-    tune_bn_momentum: bool = _field(False, f"Also search the BN momentum over {BN_MOMENTA} (else --bn-momentum).")
-    compare_norms: bool = _field(False, "Search the norm too: --norm's BN layer against no BN (one plot series each).")
-    overwrite: bool = _field(False, "Delete runs/tune-<name>/ and start afresh (else an existing search is resumed).")
-    name: Optional[str] = _field(None, "The search folder is runs/tune-<name> (default: derived from the settings).")
-    search_examples: int = _field(0, "Search on the first N training examples only, 0 = all (retraining uses all).")
-    val_fraction: float = _field(0.2, "Fraction of the search examples held out to score trials (never the test set).")
-    retrain_epochs: int = _field(10, "Epochs to retrain the best configuration on the full training set (0 = skip).")
-    divergence_loss: float = _field(
+    tuner: str = flag_field("random", "keras-tuner algorithm: RandomSearch, Hyperband or BayesianOptimization.", choices=TUNERS)
+    max_trials: int = flag_field(20, "Number of trials (Hyperband: an upper bound on its brackets' trials).")
+    epochs: int = flag_field(4, "Training epochs per trial (Hyperband: the most epochs one trial reaches).")
+    lr_min: float = flag_field(1e-3, "Smallest learning rate; sampled log-uniformly in [lr-min, lr-max].")
+    lr_max: float = flag_field(10.0, "Largest learning rate.")
+    tune_batch_size: bool = flag_field(False, f"Also search the global batch size over {BATCH_SIZES} (else --batch-size).")
+    tune_bn_momentum: bool = flag_field(False, f"Also search the BN momentum over {BN_MOMENTA} (else --bn-momentum).")
+    compare_norms: bool = flag_field(False, "Search the norm too: --norm's BN layer against no BN (one plot series each).")
+    overwrite: bool = flag_field(False, "Delete runs/tune-<name>/ and start afresh (else an existing search is resumed).")
+    name: Optional[str] = flag_field(None, "The search folder is runs/tune-<name> (default: derived from the settings).")
+    search_examples: int = flag_field(0, "Search on the first N training examples only, 0 = all (retraining uses all).")
+    val_fraction: float = flag_field(0.2, "Fraction of the search examples held out to score trials (never the test set).")
+    retrain_epochs: int = flag_field(10, "Epochs to retrain the best configuration on the full training set (0 = skip).")
+    divergence_loss: float = flag_field(
         round(10 * CHANCE_LOSS, 2),
         "A trial diverged when its mean training loss over an epoch exceeds this, or the loss turns NaN/inf (0 = NaN/inf only).",
     )
-    export_dir: str = _field("saved_models", "Where the retrained best model is exported (with --export).")
-    export_name: str = _field("lenet_bn_tuned", "Model folder under --export-dir.")
+    export_dir: str = flag_field("saved_models", "Where the retrained best model is exported (with --export).")
+    export_name: str = flag_field("lenet_bn_tuned", "Model folder under --export-dir.")
 
     def validate(self) -> "TuneConfig":
         """Raises ConfigError naming the flag and the value that cannot work."""
@@ -150,11 +143,11 @@ class TuneConfig:
         for name in ("max_trials", "epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"`--{_flag(name)}` must be a positive integer. Received: {name}={value!r}")
+                raise ConfigError(f"`--{flag_name(name)}` must be a positive integer. Received: {name}={value!r}")
         for name in ("lr_min", "lr_max"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"`--{_flag(name)}` must be a positive finite number. Received: {name}={value!r}")
+                raise ConfigError(f"`--{flag_name(name)}` must be a positive finite number. Received: {name}={value!r}")
         if not self.lr_min < self.lr_max:
             raise ConfigError(
                 f"`--lr-min` must be smaller than `--lr-max`. Received: lr_min={self.lr_min!r}, lr_max={self.lr_max!r}"
@@ -184,10 +177,6 @@ class TuneConfig:
 
     def tune_dir(self, train: TrainConfig) -> str:
         return os.path.join("runs", f"tune-{self.name or self.default_name(train)}")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 # ------------------------------------------------------------ command line
@@ -288,236 +277,32 @@ def search_split(tune: TuneConfig, train: TrainConfig):
     return (x[fit], labels[fit]), (x[val], labels[val])
 
 
-# ------------------------------------------------------------ keras-tuner pieces
-
-
-@functools.lru_cache(maxsize=None)
-def keras_components():
-    """The keras-tuner classes of the search, defined on first use.
-
-    keras and keras-tuner import TensorFlow, which must not start before
-    `--cpu-replicas` has split the CPU; so these classes are made here, after
-    that, and flag errors are answered without loading TensorFlow at all.
-
-    Returns:
-        A namespace with `TrialDiverged`, `DivergenceGuard`, `LeNetHyperModel`,
-        `oracle_classes` (by tuner name) and `tuner_classes` (by tuner name).
-    """
-    import types
-
-    import keras
-    import keras_tuner as kt
-    from keras_tuner.src import config as kt_config
-
-    from training import artifacts, models
-
-    # keras-tuner 1.4 prints the traceback of every failed trial while this is
-    # True; RecordingTuner prints crashes' tracebacks itself and divergence as one line.
-    kt_config.DEBUG = False
-
-    class TrialDiverged(kt.errors.FailedTrialError):
-        """The trial's loss went non-finite or past the divergence bound: FAILED, not retried."""
-
-        def __init__(self, reason: str, epoch: int):
-            super().__init__(reason)
-            self.epoch = epoch
-
-    class DivergenceGuard(keras.callbacks.Callback):
-        """Stops a trial whose training loss turns NaN/inf (checked every step) or whose
-        mean loss over an epoch exceeds `max_loss` (checked at the epoch's end; 0: no bound).
-
-        The bound applies to whole epochs because a large learning rate can
-        spike the loss for a few steps and recover (BN at lr ~30 does).
-        """
-
-        def __init__(self, max_loss: float):
-            super().__init__()
-            self.max_loss = max_loss
-            self.epoch = 0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_end(self, batch, logs=None):
-            if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
-                raise TrialDiverged(
-                    f"diverged: training loss became {float(logs['loss'])} at epoch {self.epoch + 1}, step {batch + 1}",
-                    self.epoch + 1,
-                )
-
-        def on_epoch_end(self, epoch, logs=None):
-            loss = float(logs["loss"]) if logs and "loss" in logs else None
-            if self.max_loss and loss is not None and loss > self.max_loss:
-                raise TrialDiverged(
-                    f"diverged: mean training loss {loss:.4g} over epoch {epoch + 1} > {self.max_loss:g} (--divergence-loss)",
-                    epoch + 1,
-                )
-
-    class LeNetHyperModel(kt.HyperModel):
-        """LeNet from `training.models`, SGD at the trial's learning rate; `fit` at the trial's batch size."""
-
-        def __init__(self, tune: TuneConfig, train: TrainConfig):
-            super().__init__(name="lenet")
-            self.tune, self.train = tune, train
-
-        def build(self, hp):
-            lr = hp.Float("lr", self.tune.lr_min, self.tune.lr_max, sampling="log")
-            norms = self.tune.norms(self.train)
-            norm = hp.Choice("norm", norms) if len(norms) > 1 else hp.Fixed("norm", norms[0])
-            if self.tune.tune_batch_size:
-                hp.Choice("batch_size", list(BATCH_SIZES))
-            else:
-                hp.Fixed("batch_size", self.train.batch_size)
-            if self.tune.tune_bn_momentum:
-                momentum = hp.Choice("bn_momentum", list(BN_MOMENTA))
-            else:
-                momentum = hp.Fixed("bn_momentum", self.train.bn_momentum)
-            # The same initial weights in every trial: trials differ only by their hyperparameters.
-            keras.utils.set_random_seed(self.train.seed)
-            model = models.build_lenet(norm, momentum, self.train.sync_bn and norm != "none")
-            model.compile(
-                optimizer=keras.optimizers.SGD(learning_rate=float(lr)),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"],
-            )
-            return model
-
-        def fit(self, hp, model, *args, callbacks=None, **kwargs):
-            # How many devices hold the weights: the strategy's replica count when the
-            # tuner built the model in its scope (recorded per trial).
-            weight = getattr(model.weights[0], "value", model.weights[0])
-            self.replicas = len(getattr(weight, "values", (weight,)))
-            callbacks = [DivergenceGuard(self.tune.divergence_loss)] + list(callbacks or [])
-            return model.fit(*args, batch_size=hp.get("batch_size"), callbacks=callbacks, **kwargs)
-
-    class RecordingTuner:
-        """Mixin: writes `kerasbn_trial.json` (status, reason, history) into the trial's folder.
-
-        keras-tuner keeps a failure's message only in the process that ran the
-        trial (its gRPC trial message has no such field), so the chief of a
-        distributed search reads reasons and histories from these files.
-        """
-
-        def run_trial(self, trial, *args, **kwargs):
-            path = os.path.join(self.get_trial_dir(trial.trial_id), RECORD_FILE)
-            values = dict(trial.hyperparameters.values)
-            began = time.time()
-            base = {
-                "trial_id": trial.trial_id,
-                "tuner_id": self.tuner_id,
-                "hyperparameters": values,
-                "initial_epoch": int(values.get("tuner/initial_epoch", 0)),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "pid": os.getpid(),
-            }
-            artifacts.write_json(path, {**base, "status": "running"})
-            try:
-                histories = super().run_trial(trial, *args, **kwargs)
-            except TrialDiverged as error:
-                print(f"Trial {trial.trial_id} {error}")
-                artifacts.write_json(
-                    path,
-                    {**base, "status": "diverged", "reason": str(error), "epochs": error.epoch, "seconds": time.time() - began},
-                )
-                raise
-            except Exception as error:
-                traceback.print_exc()
-                reason = f"crashed: {type(error).__name__}: {error}"
-                artifacts.write_json(path, {**base, "status": "crashed", "reason": reason, "seconds": time.time() - began})
-                raise
-            history = histories[0]
-            epochs = [epoch + 1 for epoch in history.epoch]
-            scores = [float(v) for v in history.history[OBJECTIVE]]
-            best = max(range(len(scores)), key=scores.__getitem__)
-            artifacts.write_json(
-                path,
-                {
-                    **base,
-                    "status": "completed",
-                    "epochs": epochs[-1],
-                    "best_epoch": epochs[best],
-                    "best_val_accuracy": scores[best],
-                    "replicas": getattr(self.hypermodel, "replicas", None),
-                    "history": {"epoch": epochs, **{k: [float(v) for v in vs] for k, vs in history.history.items()}},
-                    "seconds": time.time() - began,
-                },
-            )
-            return histories
-
-    class CrashLimit:
-        """Oracle mixin: only crashed trials count towards `max_consecutive_failed_trials`.
-
-        Overrides keras-tuner 1.4's `Oracle._check_consecutive_failures`
-        (pinned <1.5): a diverged trial is a result of the search, not a sign
-        that the search itself is broken.
-        """
-
-        def _check_consecutive_failures(self):
-            crashes = 0
-            for trial_id in self.end_order:
-                trial = self.trials[trial_id]
-                if trial.status != "FAILED":
-                    crashes = 0
-                    continue
-                record_path = os.path.join(self._project_dir, f"trial_{trial_id}", RECORD_FILE)
-                if (artifacts.read_json(record_path) or {}).get("status") == "diverged":
-                    continue
-                crashes += 1
-                if crashes >= self.max_consecutive_failed_trials:
-                    raise RuntimeError(
-                        f"Number of consecutive failures exceeded the limit of {self.max_consecutive_failed_trials} "
-                        f"(crashed trials; diverged ones do not count).\n{trial.message or ''}"
-                    )
-
-    class RandomOracle(CrashLimit, kt.oracles.RandomSearchOracle):
-        pass
-
-    class BayesianOracle(CrashLimit, kt.oracles.BayesianOptimizationOracle):
-        pass
-
-    class HyperbandOracle(CrashLimit, kt.oracles.HyperbandOracle):
-        pass
-
-    class SearchTuner(RecordingTuner, kt.Tuner):
-        """RandomSearch and BayesianOptimization: a plain Tuner around their oracle."""
-
-    class HyperbandTuner(RecordingTuner, kt.Hyperband):
-        """Hyperband's tuner (epochs per round, weights carried between rounds) around our oracle."""
-
-        def __init__(self, oracle, **kwargs):
-            # kt.Hyperband.__init__ only builds its own oracle; skip it for ours.
-            kt.Tuner.__init__(self, oracle=oracle, **kwargs)
-
-    return types.SimpleNamespace(
-        TrialDiverged=TrialDiverged,
-        DivergenceGuard=DivergenceGuard,
-        LeNetHyperModel=LeNetHyperModel,
-        oracle_classes={"random": RandomOracle, "bayesian": BayesianOracle, "hyperband": HyperbandOracle},
-        tuner_classes={"random": SearchTuner, "bayesian": SearchTuner, "hyperband": HyperbandTuner},
-    )
+# ------------------------------------------------------------ the tuner
 
 
 def make_tuner(tune: TuneConfig, train: TrainConfig, strategy, tune_dir: str):
     """The keras-tuner tuner of this search, resuming its project folder if there is one."""
     import keras_tuner as kt
 
-    parts = keras_components()
+    # Imported here, after run() has split the CPU: it starts TensorFlow.
+    from training import tuner_classes
+
     common = dict(
         objective=kt.Objective(OBJECTIVE, direction="max"),
         # keras-tuner treats seed 0 as "no seed" (a random one): shift by one.
         seed=train.seed + 1,
         max_consecutive_failed_trials=MAX_CONSECUTIVE_CRASHES,
     )
-    oracle_class = parts.oracle_classes[tune.tuner]
+    oracle_class = tuner_classes.ORACLE_CLASSES[tune.tuner]
     if tune.tuner == "hyperband":
         # Brackets repeat until --max-trials trials have run (hyperband_iterations=None: no other limit).
         oracle = oracle_class(max_epochs=tune.epochs, factor=3, hyperband_iterations=None, **common)
         oracle.max_trials = tune.max_trials
     else:
         oracle = oracle_class(max_trials=tune.max_trials, **common)
-    return parts.tuner_classes[tune.tuner](
+    return tuner_classes.TUNER_CLASSES[tune.tuner](
         oracle=oracle,
-        hypermodel=parts.LeNetHyperModel(tune, train),
+        hypermodel=tuner_classes.LeNetHyperModel(tune, train),
         distribution_strategy=strategy,
         directory=tune_dir,
         project_name=PROJECT_NAME,
@@ -611,12 +396,9 @@ def plot_lr_vs_accuracy(path: str, rows: List[Dict], title: str, lr_range: Optio
     """
     import textwrap
 
-    import matplotlib
+    from training import artifacts
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = artifacts.pyplot().subplots(figsize=(6.5, 4.2))
     norms = sorted({row["norm"] for row in rows if row["lr"] is not None}, key=str)
     for index, norm in enumerate(norms):
         color = f"C{index}"
@@ -641,12 +423,7 @@ def plot_lr_vs_accuracy(path: str, rows: List[Dict], title: str, lr_range: Optio
     ax.legend(fontsize=8, loc="best")
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    artifacts.save_figure(fig, path, dpi=120)
 
 
 def best_hyperparameters(rows: List[Dict], tune: TuneConfig) -> Optional[Dict]:
@@ -711,13 +488,10 @@ def retrain(best: Dict, tune: TuneConfig, train: TrainConfig, tune_dir: str) -> 
     return config, train_module.run(config)
 
 
-def export_best(run_dir: str, tune: TuneConfig) -> Optional[str]:
-    """Exports the retrained model through `training.export`; None when that module is unavailable."""
-    try:
-        from training import export
-    except ImportError as error:
-        print(f"note: not exported, training.export is unavailable ({error})", file=sys.stderr)
-        return None
+def export_best(run_dir: str, tune: TuneConfig) -> str:
+    """Exports the retrained model through `training.export`; returns the new version folder."""
+    from training import export
+
     return export.export_run(run_dir, tune.export_dir, tune.export_name)
 
 
@@ -839,24 +613,8 @@ def run(tune: TuneConfig, train: TrainConfig) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m training.tune`. Returns the exit status."""
-    try:
-        tune, train = parse_args(argv)
-        return run(tune, train)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # data and export errors: one clear line, not a traceback
-        from training.data import DataError
-
-        try:
-            from training.export import ExportError
-        except ImportError:
-            ExportError = DataError
-        if isinstance(error, (DataError, ExportError)):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
+    """`python -m training.tune`. Returns the exit status: 0, 1 (a failed search; a data or export error) or 2 (a bad flag)."""
+    return run_cli(parse_args, lambda configs: run(*configs), argv)
 
 
 if __name__ == "__main__":
