@@ -56,8 +56,15 @@ KILL_AFTER_STEP = 8  # of epoch 2, as the chief's progress bar shows it
 # service's missing heartbeats); more only on a starved machine.
 SURVIVOR_EXIT_S = 90
 # Both runs do the same float32 operations on the same batches in the same
-# order (op determinism is on), so the checkpoints agree bit for bit.
-WEIGHTS_ATOL = 0.0
+# order (op determinism is on): trainable weights, the step counter and the
+# epoch agree bit for bit. The BN moving statistics may differ by a few
+# float32 ulps: each worker updates its own copy, a checkpoint holds their
+# mean, and a restore gives every copy that mean. The mean of the copies
+# (what the final checkpoint holds) is then the same sum in exact arithmetic
+# (the moving average is linear), rounded in another order. Measured: at most
+# 3e-8 absolute, 2.4e-7 relative (2 ulps); the bound allows ~8 ulps of 1.0
+# (absolute too, for means near 0 whose rounding is that of their summands).
+MOVING_STATISTICS_TOL = dict(rtol=1e-6, atol=1e-6)
 
 pytestmark = [
     needs_data,
@@ -160,9 +167,12 @@ def test_killed_worker_fails_fast_and_the_restart_ends_as_if_never_killed(tmp_pa
             _kill_group(process)
     assert processes[victim].returncode == -signal.SIGKILL
     assert processes[survivor].returncode == PEER_LOST_EXIT_CODE, _all_logs(logs)
-    errors = [line for line in (logs / f"worker-{survivor}.err").read_text().splitlines() if line.startswith("error:")]
+    stderr = (logs / f"worker-{survivor}.err").read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "a worker of the multi-worker cluster is gone" in errors[0], _all_logs(logs)
-    assert "Traceback" not in (logs / f"worker-{survivor}.err").read_text(), _all_logs(logs)
+    # After the error line only the interpreter's shutdown may complain (TensorFlow's
+    # eager all-reduce leaves a ThreadPool open when it raises: "Exception ignored in").
+    assert "Traceback" not in stderr.partition(errors[0])[0], _all_logs(logs)
     # Killed mid-epoch: epoch 2 never reached its checkpoint.
     assert _latest_epoch(checkpoints) == 1, (checkpoints / "checkpoint").read_text()
     assert not (out / "summary.json").exists()
@@ -190,10 +200,18 @@ def test_killed_worker_fails_fast_and_the_restart_ends_as_if_never_killed(tmp_pa
     assert any("moving_mean" in key for key in final) and any("iteration" in key for key in final), sorted(final)
     differences = {key: float(np.max(np.abs(final[key] - expected_final[key]), initial=0.0)) for key in final}
     worst = max(differences, key=differences.get)
+    relative = max(
+        float(np.max(np.abs(final[key] / expected_final[key] - 1.0), initial=0.0))
+        for key in final if "moving_variance" in key
+    )
     print(
         f"\nkilled worker {victim}: worker {survivor} exited {survivor_seconds:.1f} s later "
         f"(code {processes[survivor].returncode}); restart {resumed_seconds:.1f} s, uninterrupted run "
-        f"{uninterrupted['seconds']:.1f} s; max |difference| of the final checkpoint {differences[worst]:.3g} ({worst})"
+        f"{uninterrupted['seconds']:.1f} s; max |difference| of the final checkpoint {differences[worst]:.3g} ({worst}), "
+        f"relative on the moving variances {relative:.3g}"
     )
     for key in final:
-        np.testing.assert_allclose(final[key], expected_final[key], rtol=0, atol=WEIGHTS_ATOL, err_msg=key)
+        if "moving_mean" in key or "moving_variance" in key:
+            np.testing.assert_allclose(final[key], expected_final[key], err_msg=key, **MOVING_STATISTICS_TOL)
+        else:
+            np.testing.assert_array_equal(final[key], expected_final[key], err_msg=key)
