@@ -20,7 +20,8 @@ hold the same values: every epoch's data order is seeded by the epoch and the
 optimizer (plain SGD) keeps only its step counter, which the checkpoint holds.
 
 Every process runs under `timeout -k` in its own process group, and the test
-SIGKILLs every group it started in a `finally`.
+SIGKILLs every group it started in a `finally`. A fast test checks the
+driver's exit for a lost peer on its own, without a cluster.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from training.config import PEER_LOST_EXIT_CODE
+from training.config import PEER_LOST_EXIT_CODE, run_cli
 from test_train import RESUMING, _kill_group, _logs, _popen, _tf_configs, needs_data
 
 # 2048 examples in global batches of 32: 64 steps per epoch (a few seconds).
@@ -66,11 +67,9 @@ SURVIVOR_EXIT_S = 90
 # (absolute too, for means near 0 whose rounding is that of their summands).
 MOVING_STATISTICS_TOL = dict(rtol=1e-6, atol=1e-6)
 
-pytestmark = [
-    needs_data,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout to bound the workers"),
-]
+needs_timeout = pytest.mark.skipif(
+    shutil.which("timeout") is None, reason="needs coreutils' timeout to bound the workers"
+)
 
 
 def _start(out: Path, configs: List[str], log_dir: Path) -> List[subprocess.Popen]:
@@ -135,6 +134,9 @@ def uninterrupted(tmp_path_factory) -> Dict:
     return {"out": tmp / "run", "seconds": seconds}
 
 
+@needs_data
+@needs_timeout
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1 - CHIEF, CHIEF], ids=["non-chief", "chief"])
 def test_killed_worker_fails_fast_and_the_restart_ends_as_if_never_killed(tmp_path, uninterrupted, victim):
     out = tmp_path / "run"
@@ -215,3 +217,44 @@ def test_killed_worker_fails_fast_and_the_restart_ends_as_if_never_killed(tmp_pa
             np.testing.assert_allclose(final[key], expected_final[key], err_msg=key, **MOVING_STATISTICS_TOL)
         else:
             np.testing.assert_array_equal(final[key], expected_final[key], err_msg=key)
+
+
+# TensorFlow's messages when a peer is gone (TF 2.21): in flight, not yet
+# connected, and a silence the coordination service noticed.
+LOST_PEER_MESSAGES = {
+    "Graph execution error:\n\nDetected at node CollectiveReduceV2 defined at (most recent call last):\n"
+    "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error information": (
+        "recvmsg:Connection reset by peer"
+    ),
+    "{{function_node __wrapped__CollectiveReduceV2}} Collective ops is aborted by: failed to connect to all "
+    "addresses\n:UNKNOWN:Error received from peer": "failed to connect to all addresses",
+    "Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy "
+    "(stopped sending heartbeats):\n/job:worker/replica:0/task:1": (
+        "Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped sending heartbeats)"
+    ),
+    "no reason given": "no reason given",
+}
+
+
+@pytest.mark.parametrize("message", sorted(LOST_PEER_MESSAGES))
+def test_lost_peer_exits_with_one_line_and_its_own_code(capsys, message):
+    tf = pytest.importorskip("tensorflow")
+
+    def run(config):
+        raise tf.errors.UnavailableError(None, None, message)
+
+    assert run_cli(lambda argv: None, run, []) == PEER_LOST_EXIT_CODE == 75
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: a worker of the multi-worker cluster is gone ({LOST_PEER_MESSAGES[message]}). Start every "
+        "worker again with the same command: training resumes from the last checkpoint in the run folder."
+    ]
+
+
+def test_other_tensorflow_errors_keep_their_traceback():
+    tf = pytest.importorskip("tensorflow")
+
+    def run(config):
+        raise tf.errors.InternalError(None, None, "Collective ops is aborted by: something else")
+
+    with pytest.raises(tf.errors.InternalError, match="something else"):
+        run_cli(lambda argv: None, run, [])

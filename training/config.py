@@ -177,7 +177,7 @@ def _lost_peer_reason(error: BaseException) -> Optional[str]:
     message = str(getattr(error, "message", error))
     aborted = re.search(r"aborted by: *(.+)", message)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return aborted[1].strip() if aborted else (lines[0] if lines else type(error).__name__)
+    return aborted[1].strip().rstrip(":") if aborted else (lines[0] if lines else type(error).__name__)
 
 
 def run_cli(parse_args, run, argv=None) -> int:
