@@ -56,8 +56,9 @@ WORKERS = 2
 CHIEF = 0  # TF_CONFIG without a "chief" job: worker 0 is the chief
 PROCESS_TIMEOUT = 300  # `timeout` bound of each worker; a whole run took 41-67 s on a busy 2-core machine
 KILL_AFTER_STEP = 8  # of epoch 2, as the chief's progress bar shows it
-# The survivor exits in 2-12 s (connection reset, or the coordination
-# service's missing heartbeats); more only on a starved machine.
+# The survivor exits within ~1 s when its pending collective's connection to
+# the dead peer resets, in ~6-11 s when only the coordination service's
+# missed heartbeats (10 s timeout) tell it; more only on a starved machine.
 SURVIVOR_EXIT_S = 90
 # Both runs do the same float32 operations on the same batches in the same
 # order (op determinism is on): trainable weights, the step counter and the
