@@ -165,12 +165,34 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m trai
     return config_from_args(parser.parse_args(argv)).validate()
 
 
+# sysexits.h's EX_TEMPFAIL: the same command, started again, can succeed.
+PEER_LOST_EXIT_CODE = 75
+
+
+def _lost_peer_reason(error: BaseException) -> Optional[str]:
+    """Why a multi-worker collective failed, when `error` says a peer is gone; else None."""
+    import re
+    import sys
+
+    # TensorFlow raises it, so it is imported already whenever the check matters.
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(error, tf.errors.UnavailableError):
+        return None
+    message = str(getattr(error, "message", error))
+    aborted = re.search(r"aborted by: *(.+)", message)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return aborted[1].strip().rstrip(":") if aborted else (lines[0] if lines else type(error).__name__)
+
+
 def run_cli(parse_args, run, argv=None) -> int:
     """A driver's `main`: parse the flags, run, and turn the expected failures into one line.
 
     Returns `run`'s own exit status when it returns an int (tune's does), else
     0 on success; 2 for a bad flag (`ConfigError`), 1 for a data, run-folder or
-    export error (`DataError`, `RunError` and its `ExportError`); any other
+    export error (`DataError`, `RunError` and its `ExportError`),
+    `PEER_LOST_EXIT_CODE` (75) when a multi-worker run lost a worker
+    (TensorFlow's UnavailableError: its collectives are aborted, and every
+    worker must start again, resuming from the last checkpoint); any other
     exception keeps its traceback.
     """
     import sys
@@ -180,12 +202,20 @@ def run_cli(parse_args, run, argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # data, run-folder and export errors: one clear line, not a traceback
+    except Exception as error:  # data, run-folder and export errors, a lost worker: one clear line
         from training.data import DataError
         from training.runs import RunError
 
         if isinstance(error, (DataError, RunError)):
             print(f"error: {error}", file=sys.stderr)
             return 1
+        reason = _lost_peer_reason(error)
+        if reason is not None:
+            print(
+                f"error: a worker of the multi-worker cluster is gone ({reason}). Start every worker again "
+                "with the same command: training resumes from the last checkpoint in the run folder.",
+                file=sys.stderr,
+            )
+            return PEER_LOST_EXIT_CODE
         raise
     return status if isinstance(status, int) else 0
