@@ -38,24 +38,28 @@ VARIANTS: Dict[str, str] = {
 }
 
 
-def without_batch_norm(model):
-    """A copy of `model` with every batch norm, in nested models too, replaced by an identity layer.
-
-    The copy has fresh weights: it is a speed bound, not a trained model. The
-    identity is a `Lambda` because the graph replays the batch norm's call
-    with its `training` and `mask` arguments, which `keras.layers.Identity`
-    does not take.
-    """
+def rebuild_batch_norms(model, replace):
+    """A copy of `model` (fresh weights) with every batch norm, in nested models too, replaced by `replace(layer)`."""
     import keras
 
     from kerasbn.transforms import is_batch_norm
 
     def clone(layer):
-        if is_batch_norm(layer):
-            return keras.layers.Lambda(lambda x: x, name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
+        return replace(layer) if is_batch_norm(layer) else layer.__class__.from_config(layer.get_config())
 
     return keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+
+def without_batch_norm(model):
+    """A copy of `model` with every batch norm replaced by an identity layer: a speed bound, not a trained model.
+
+    The identity is a `Lambda` because the graph replays the batch norm's call
+    with its `training` and `mask` arguments, which `keras.layers.Identity`
+    does not take.
+    """
+    import keras
+
+    return rebuild_batch_norms(model, lambda layer: keras.layers.Lambda(lambda x: x, name=layer.name))
 
 
 def count_batch_norms(model) -> int:
@@ -89,10 +93,14 @@ def train_call(model, strategy, dataset):
     return lambda: model.train_function(iterator)
 
 
-def predict_call(model, images):
+def predict_call(model, images, strategy=None):
+    """Inference per call, in a tf.function; in `strategy.run` (every replica on `images`) when given a strategy."""
     import tensorflow as tf
 
-    predict = tf.function(lambda x: model(x, training=False), autograph=False)
+    def infer(x):
+        return model(x, training=False)
+
+    predict = tf.function(infer if strategy is None else lambda x: strategy.run(infer, args=(x,)), autograph=False)
     return lambda: predict(images)
 
 

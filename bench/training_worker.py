@@ -48,16 +48,40 @@ def run_worker(module: str, arguments, timeout_s: float) -> list:
     A fresh process, because logical CPU devices (two replicas on a CPU) can
     only be configured before TensorFlow initialises its runtime.
     """
+    return run_workers(module, [arguments], timeout_s)[0]
+
+
+def run_workers(module: str, argument_lists, timeout_s: float) -> List[list]:
+    """Like `run_worker`, one process per argument list, all at once (a cluster); returns each one's records.
+
+    Every process still running when one fails or the time is up is killed.
+    """
     with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "records.json")
-        command = [sys.executable, "-m", module, *map(str, arguments), "--json-out", out]
+        outs = [os.path.join(folder, f"records{index}.json") for index in range(len(argument_lists))]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, timeout=timeout_s, stdout=subprocess.PIPE)
-        if completed.returncode != 0:
-            raise RuntimeError(f"worker {command[2:-2]} exited with {completed.returncode} (its stderr is above)")
-        with open(out, encoding="utf-8") as f:
-            return json.load(f)["records"]
+        processes = []
+        try:
+            for arguments, out in zip(argument_lists, outs):
+                command = [sys.executable, "-m", module, *map(str, arguments), "--json-out", out]
+                processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL))
+            deadline = time.monotonic() + timeout_s
+            for process in processes:
+                process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+                if process.returncode != 0:
+                    raise RuntimeError(
+                        f"worker {process.args[2:-2]} exited with {process.returncode} (its stderr is above)"
+                    )
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        records = []
+        for out in outs:
+            with open(out, encoding="utf-8") as f:
+                records.append(json.load(f)["records"])
+        return records
 
 
 def configure_devices(replicas: int):
