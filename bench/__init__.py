@@ -18,6 +18,10 @@ and latest.json. The suites (see `bench.suites` for how to add one):
 * models:   ResNet50, MobileNetV2, EfficientNetB0 training steps (stock,
             kerasbn.convert, no BN; 1 and 2 replicas) and inference (stock,
             kerasbn.fold, no BN) (`bench.models_suite`).
+* distributed: ResNet50 with synchronized BN (stock, kerasbn) and kerasbn
+            unsynchronized, MirroredStrategy and 2 MultiWorkerMirroredStrategy
+            workers: steps timed, cross-replica calls counted; kerasbn's step
+            with an unknown batch size (`bench.distributed_suite`).
 
 This module stays free of TensorFlow imports: `python -m bench` sets the
 environment first, and the training worker configures devices before
@@ -26,7 +30,10 @@ TensorFlow starts.
 
 from bench.suites import SUITES, BenchConfig, Suite, SuiteResult, register_suite
 
-SUITE_MODULES = ("bench.floor", "bench.layer_suite", "bench.training_suite", "bench.export_suite", "bench.models_suite")
+SUITE_MODULES = (
+    "bench.floor", "bench.layer_suite", "bench.training_suite", "bench.export_suite", "bench.models_suite",
+    "bench.distributed_suite",
+)  # fmt: skip
 
 
 def load_suites() -> dict:

@@ -10,7 +10,7 @@ MultiWorkerMirroredStrategy cluster (TF_CONFIG from the addresses). Builds
 `stock_sync` (the network with keras.layers.BatchNormalization(synchronized=True)),
 `kerasbn_sync` (`kerasbn.convert` of it: kerasbn.BatchNorm(synchronized=True))
 and `kerasbn` (convert of the stock network: synchronized=False), times their
-training steps (`bench.models_worker.train_call`) and the inference of stock
+training steps (`train_call`) and the inference of stock
 and kerasbn (`model(x, training=False)` in `strategy.run` in a tf.function)
 interleaved, and counts each step's cross-replica calls while it is traced
 (`CrossReplicaCalls`). Workers of a cluster run the same calls in the same
@@ -137,11 +137,25 @@ def build(network: str, image_shape, strategy) -> dict:
     return models
 
 
+def train_call(model, strategy, dataset):
+    """One training step per call: `model.train_step` in `strategy.run` in a tf.function (fit's step).
+
+    Not `model.train_function`: under MultiWorkerMirroredStrategy Keras 3.15's
+    reduction of the logs calls strategy.reduce("MEAN", loss, axis=0) on the
+    scalar loss, which fails; the logs are left per replica here, for both strategies.
+    """
+    import tensorflow as tf
+
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    step = tf.function(lambda: strategy.run(model.train_step, args=(iterator.get_next(),)), autograph=False)
+    return step
+
+
 def measure(strategy, args) -> list:
     import numpy as np
     import tensorflow as tf
 
-    from bench.models_worker import count_batch_norms, predict_call, train_call
+    from bench.models_worker import count_batch_norms, predict_call
     from bench.suites import measurement
     from bench.timing import Candidate, time_interleaved
     from bench.training_worker import synthetic_dataset

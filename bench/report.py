@@ -286,8 +286,73 @@ def goal_models(records: List[dict]) -> List[GoalResult]:
     return results
 
 
+def _distributed(records, mode: str) -> Dict[str, Dict[str, dict]]:
+    """The distributed suite's `mode` records of the networks: {strategy: {variant: record}}."""
+    found: Dict[str, Dict[str, dict]] = {}
+    for record in measurements(records, "distributed"):
+        if record["mode"] == mode and record["variant"] != "dynamic_batch":
+            found.setdefault(record["strategy"], {})[record["variant"]] = record
+    return found
+
+
+def _sync_added(group: Dict[str, dict]) -> Optional[float]:
+    """What synchronizing adds to kerasbn's step over what it adds to stock's (both minus kerasbn unsynchronized)."""
+    if {"stock_sync", "kerasbn_sync", "kerasbn"} - set(group):
+        return None
+    unsync = group["kerasbn"]["median_s"]
+    added = group["stock_sync"]["median_s"] - unsync
+    return (group["kerasbn_sync"]["median_s"] - unsync) / added if added > 0 else float("inf")
+
+
+def goal_distributed(records: List[dict]) -> List[GoalResult]:
+    """Issue 14's goals: calls per synchronized layer, the synchronization's cost on 2 workers, inference."""
+    missing = _why_not_evaluated(records, "distributed")
+    train, infer = _distributed(records, "train_step"), _distributed(records, "inference")
+    results = []
+    goal = "kerasbn synchronized=True: <= 2 cross-replica calls per batch-norm layer per training step"
+    calls = {name: group["kerasbn_sync"]["calls_per_batch_norm"] for name, group in train.items() if "kerasbn_sync" in group}
+    status = "not evaluated" if not calls else "met" if max(calls.values()) <= 2 else "missed"
+    results.append(GoalResult(goal, status, ", ".join(f"{k} {v:g}" for k, v in calls.items()) or missing))
+    goal = "2 workers: what synchronizing adds to kerasbn's step <= 1/2 of what it adds to stock's"
+    added = {name: _sync_added(group) for name, group in train.items()}
+    worker = added.get("MultiWorkerMirroredStrategy")
+    status = "not evaluated" if worker is None else "met" if worker <= 0.5 else "missed"
+    detail = ", ".join(f"{name} {value:.2f}" for name, value in added.items() if value is not None) or missing
+    results.append(GoalResult(goal, status, detail + (" of stock's" if added else "")))
+    goal = "kerasbn inference: 0 cross-replica calls per step and time <= stock's"
+    pairs = [(g["kerasbn"], g["stock"]) for g in infer.values() if {"kerasbn", "stock"} <= set(g)]
+    result = _ratio_goal(goal, pairs, 1.0, "of stock", missing=missing)
+    if pairs:
+        result.detail += "; calls per step " + ", ".join(f"{a['strategy']} {a['cross_replica_calls']}" for a, _ in pairs)
+        result.status = "missed" if any(a["cross_replica_calls"] for a, _ in pairs) else result.status
+    results.append(result)
+    dynamic = [r for r in measurements(records, "distributed") if r["variant"] == "dynamic_batch"]
+    pairs = [(a, b) for a in dynamic for b in dynamic if not a["reference"] and b["reference"]]
+    goal = "Unknown batch (no drop_remainder): kerasbn's rank-2 train step <= 1.05x the known batch's"
+    results.append(_ratio_goal(goal, pairs, 1.05, "of the known batch's", missing=missing))
+    return results
+
+
+def distributed_table(records: List[dict]) -> List[str]:
+    """Issue 14's table: per strategy and step, each variant's time against stock and its cross-replica calls."""
+    rows = []
+    for mode in ("train_step", "inference"):
+        for strategy, group in _distributed(records, mode).items():
+            added = _sync_added(group)
+            for variant, r in group.items():
+                rows.append([strategy, mode, variant, _ms(r["median_s"]), _ratio_cell(r), r["cross_replica_calls"],
+                             f"{r['calls_per_batch_norm']:g}", f"{added:.2f}" if variant == "kerasbn_sync" and added
+                             is not None else "-"])  # fmt: skip
+    rows += [["-", r["mode"], r["implementation"], _ms(r["median_s"]), _ratio_cell(r), "-", "-", "-"]
+             for r in measurements(records, "distributed") if r["variant"] == "dynamic_batch"]  # fmt: skip
+    return _table(["strategy", "timed", "variant", "median ms", "vs stock", "calls/step", "calls/BN layer",
+                   "sync adds, vs stock's"], rows)  # fmt: skip
+
+
 # Extension point: a function from the records to goal rows, one per issue part.
-GOALS: List[Callable[[List[dict]], List[GoalResult]]] = [goal_layer, goal_training, goal_export, goal_models]
+GOALS: List[Callable[[List[dict]], List[GoalResult]]] = [
+    goal_layer, goal_training, goal_export, goal_models, goal_distributed,
+]  # fmt: skip
 
 
 def evaluate_goals(records: List[dict]) -> List[GoalResult]:
@@ -550,6 +615,9 @@ def render(records: List[dict]) -> str:
     lines += export_section(records)
     if measurements(records, "models"):
         lines += ["", "## Real networks: stock keras BN vs kerasbn vs no BN", ""] + models_table(records)
+    if measurements(records, "distributed"):
+        lines += ["", "## Distributed: synchronized BN, cross-replica calls, unknown batch", ""]
+        lines += distributed_table(records)
 
     lines += ["", "## Suites", ""]
     suite_rows = []
@@ -582,6 +650,10 @@ def render(records: List[dict]) -> str:
         from bench.models_worker import VARIANTS
 
         lines += [f"- models suite `<network>/<train|infer>/<n>dev/{name}`: {text}" for name, text in VARIANTS.items()]
+    if measurements(records, "distributed"):
+        from bench.distributed_worker import VARIANTS
+
+        lines += [f"- distributed suite `<strategy>/<step>/{name}`: {text}" for name, text in VARIANTS.items()]
     if measurements(records, "export"):
         from bench.export_suite import IMPLEMENTATIONS as EXPORT_IMPLEMENTATIONS
 
@@ -613,6 +685,8 @@ def summary(records: List[dict]) -> str:
         ]
     if measurements(records, "models"):
         lines += ["", "Real networks (time relative to stock keras BN):", ""] + models_table(records)
+    if measurements(records, "distributed"):
+        lines += ["", "Distributed (time relative to stock synchronized BN):", ""] + distributed_table(records)
     lines += ["", "Goals:"]
     lines += [f"  [{g.status}] {g.goal}: {g.detail}" for g in evaluate_goals(records)]
     return "\n".join(lines)

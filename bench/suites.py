@@ -28,7 +28,7 @@ DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
 # Fields that, with `suite`, identify what was measured; two records that
 # agree on them (and differ in `implementation`) are compared in ratios, with
 # the one named REFERENCE_IMPLEMENTATION (or marked `reference`) as the base.
-GROUP_FIELDS = ("suite", "network", "shape", "layout", "mode", "jit", "replicas")
+GROUP_FIELDS = ("suite", "network", "shape", "layout", "mode", "jit", "replicas", "strategy")
 REFERENCE_IMPLEMENTATION = "keras"
 
 
