@@ -156,7 +156,7 @@ def measure(strategy, args) -> list:
     import tensorflow as tf
 
     from bench.models_worker import count_batch_norms, predict_call
-    from bench.suites import measurement
+    from bench.suites import timed_records
     from bench.timing import Candidate, time_interleaved
     from bench.training_worker import synthetic_dataset
 
@@ -168,8 +168,8 @@ def measure(strategy, args) -> list:
     images = tf.constant(np.random.default_rng(1).standard_normal((args.batch // replicas, *image_shape), "float32"))
     models = build(args.network, image_shape, strategy)
     steps = {("train_step", v): train_call(m, strategy, dataset) for v, m in models.items()}
-    for variant, model in (("no_bn", models["no_bn"]), ("stock", models["stock_sync"]), ("kerasbn", models["kerasbn"])):
-        steps["inference", variant] = predict_call(model, images, strategy)
+    for variant in ("no_bn", "stock", "kerasbn"):  # inference of stock: of stock_sync (no statistics to sync)
+        steps["inference", variant] = predict_call(models.get(variant, models["stock_sync"]), images, strategy)
     counts, trace_s = {}, {}
     for key, call in steps.items():  # the first call traces: counted, and timed apart
         start = time.perf_counter()
@@ -179,25 +179,21 @@ def measure(strategy, args) -> list:
     candidates = [Candidate(f"{kind}/{mode}/{variant}", call) for (mode, variant), call in steps.items()
                   if variant != "no_bn"]  # fmt: skip
     timings = time_interleaved(candidates, args.repeats, args.min_repetition_s, warmup_calls=args.warmup)
-    records = []
-    for mode, variant in steps:
-        timing = timings.get(f"{kind}/{mode}/{variant}")
-        if timing is None:
-            continue
-        if timing.error:
-            raise RuntimeError(f"{kind} {mode} {variant}: {timing.error}")
-        model = models["stock_sync" if variant == "stock" else variant]
-        layers, extra = count_batch_norms(model), counts[mode, variant] - counts[mode, "no_bn"]
-        records.append(measurement(
-            SUITE, f"{kind}/{mode}/{variant}", (args.batch, *image_shape), "NHWC", mode, False, timing.seconds,
-            replicas=replicas, network=args.network, variant=variant, strategy=type(strategy).__name__,
-            workers=len(args.cluster or [None]), reference=variant.startswith("stock"),
-            cross_replica_calls=counts[mode, variant], calls_without_batch_norm=counts[mode, "no_bn"],
-            batch_norm_layers=layers, calls_per_batch_norm=extra / layers, first_call_s=trace_s[mode, variant],
-            calls_per_repetition=timing.calls_per_repetition, load_average=[round(v, 2) for v in os.getloadavg()],
-        ))  # fmt: skip
-        print(f"[distributed] {records[-1]['implementation']}: {records[-1]['median_s'] * 1e3:.0f} ms, "
-              f"{counts[mode, variant]} cross-replica calls/step", file=sys.stderr, flush=True)  # fmt: skip
+    label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas, network=args.network,
+                 strategy=type(strategy).__name__, workers=len(args.cluster or [None]))  # fmt: skip
+
+    def fields(name):
+        mode, variant = name.split("/")[1:]
+        layers = count_batch_norms(models.get(variant, models["stock_sync"]))
+        calls, base = counts[mode, variant], counts[mode, "no_bn"]
+        return dict(**label, mode=mode, variant=variant, reference=variant.startswith("stock"), cross_replica_calls=calls,
+                    calls_without_batch_norm=base, batch_norm_layers=layers, calls_per_batch_norm=(calls - base) / layers,
+                    first_call_s=trace_s[mode, variant])  # fmt: skip
+
+    records = timed_records(SUITE, timings, fields)
+    for record in records:
+        print(f"[distributed] {record['implementation']}: {record.get('median_s', float('nan')) * 1e3:.0f} ms, "
+              f"{record['cross_replica_calls']} cross-replica calls/step", file=sys.stderr, flush=True)  # fmt: skip
     return records
 
 
@@ -232,4 +228,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The records are written; TensorFlow's native teardown after a MirroredStrategy run can hang for minutes.
+    sys.stderr.flush()
+    os._exit(code)

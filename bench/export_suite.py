@@ -29,7 +29,6 @@ unfolded at batch 256, is evaluated by `bench.report.goal_export`.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from bench.suites import BenchConfig, SuiteResult, measurement, register_suite, skipped
+from bench.suites import BenchConfig, SuiteResult, register_suite, skipped, timed_records
 from bench.timing import Candidate, time_interleaved
 
 SUITE = "export"
@@ -108,21 +107,12 @@ def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetitio
             continue
         candidates.append(Candidate(name, _serving_call(signature, x)))
     timings = time_interleaved(candidates, repeats=repeats, min_repetition_s=min_repetition_s, warmup_calls=2)
-    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    for name, timing in timings.items():
-        if timing.error:
-            records.append(skipped(SUITE, name, reason=timing.error, **label))
-            continue
-        record = measurement(SUITE, name, seconds=timing.seconds, **label)
-        record.update(
-            batch=batch,
-            examples_per_s=batch / record["median_s"],
-            calls_per_repetition=timing.calls_per_repetition,
-            max_abs_logit_diff_to_keras=differences[name],
-            load_average=load,
-            **extra.get(name, {}),
-        )
-        records.append(record)
+    label.update(batch=batch)
+    records += timed_records(SUITE, timings, lambda name: dict(**label, max_abs_logit_diff_to_keras=differences[name],
+                                                             **extra.get(name, {})))  # fmt: skip
+    for record in records:
+        if record["record"] == "measurement":
+            record["examples_per_s"] = batch / record["median_s"]
     return records
 
 
@@ -137,13 +127,10 @@ def _progress(batch: int, records: List[dict]) -> str:
 @register_suite(SUITE, "exported LeNet-BN SavedModel inference, BN folded vs unfolded, batch 1 and 256")
 def run_export(config: BenchConfig, previous) -> SuiteResult:
     del previous
-    try:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        from training.export import BATCH_NORM_OP_TYPES, export_model, graph_op_types
-        from training.models import build_lenet
-    except ImportError as error:
-        return SuiteResult(status="skipped", reason=f"training.export not available ({type(error).__name__}: {error})")
+    from training.export import BATCH_NORM_OP_TYPES, export_model, graph_op_types
+    from training.models import build_lenet
 
     repeats = config.repeats_or(full=15, quick=3)
     min_repetition_s = 0.02 if config.quick else 0.2

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from bench import floor
 from bench.implementations import IMPLEMENTATIONS, MODES, Case, build_step
-from bench.suites import REFERENCE_IMPLEMENTATION, BenchConfig, SuiteResult, measurement, register_suite, skipped
+from bench.suites import REFERENCE_IMPLEMENTATION, BenchConfig, SuiteResult, register_suite, skipped, timed_records
 from bench.timing import Candidate, describe_error, time_interleaved
 
 SUITE = "layer"
@@ -122,25 +122,11 @@ def run_case(case: Case, family: str, repeats: int, min_repetition_s: float) -> 
         block_until_done=_block_until_done,
         warmup_calls=0,  # the checked call above traced and compiled them
     )
-    for name, timing in timings.items():
-        if timing.error:
-            records.append(skipped(SUITE, name, reason=timing.error, **label))
-            continue
-        records.append(
-            measurement(
-                SUITE,
-                name,
-                seconds=timing.seconds,
-                family=family,
-                tensor_shape=list(case.tensor_shape),
-                device=_device(),
-                calls_per_repetition=timing.calls_per_repetition,
-                first_call_s=first_call_s[name],
-                max_rel_diff_to_keras=differences.get(name),
-                bytes_moved=floor.bytes_moved(case.shape, case.mode),
-                **label,
-            )
-        )
+    records += timed_records(SUITE, timings, lambda name: dict(
+        **label, family=family, tensor_shape=list(case.tensor_shape), device=_device(),
+        first_call_s=first_call_s[name], max_rel_diff_to_keras=differences.get(name),
+        bytes_moved=floor.bytes_moved(case.shape, case.mode),
+    ))  # fmt: skip
     del steps, timings
     gc.collect()
     return records

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Dict, List
 
@@ -130,7 +129,7 @@ def measure_network(network: str, strategy, args) -> List[dict]:
     import tensorflow as tf
 
     import kerasbn
-    from bench.suites import measurement, skipped
+    from bench.suites import timed_records
     from bench.timing import Candidate, time_interleaved
     from bench.training_worker import synthetic_dataset
 
@@ -165,21 +164,8 @@ def measure_network(network: str, strategy, args) -> List[dict]:
     timings = time_interleaved(
         candidates, repeats=args.repeats, min_repetition_s=args.min_repetition_s, warmup_calls=args.warmup
     )
-    load = [round(v, 2) for v in os.getloadavg()]
-    records = []
-    for name, timing in timings.items():
-        label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas, **labels[name])
-        if timing.error:
-            records.append(skipped(SUITE, name, reason=timing.error, **label))
-            continue
-        record = measurement(SUITE, name, seconds=timing.seconds, **label)
-        record.update(
-            calls_per_repetition=timing.calls_per_repetition,
-            first_call_s=timing.first_call_s,
-            load_average=load,
-            strategy=type(strategy).__name__,
-        )
-        records.append(record)
+    label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas)
+    records = timed_records(SUITE, timings, lambda name: dict(**label, **labels[name], strategy=type(strategy).__name__))
     add_shares(records)
     for record in records:
         if record["record"] == "measurement":

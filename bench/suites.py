@@ -194,6 +194,25 @@ def skipped(
     }
 
 
+def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> List[dict]:
+    """A measurement per candidate `bench.timing.time_interleaved` timed, a skip (its error) per one it could not.
+
+    `label(name)` gives the record's fields (shape, layout, mode, jit, any
+    others); a measurement also gets the calls per repetition, the first
+    call's seconds and the load average, unless `label` sets them.
+    """
+    import os
+
+    load = [round(value, 2) for value in os.getloadavg()]
+    return [
+        skipped(suite, name, reason=timing.error, **label(name)) if timing.error else measurement(
+            suite, name, seconds=timing.seconds, **{"calls_per_repetition": timing.calls_per_repetition,
+            "first_call_s": timing.first_call_s, "load_average": load, **label(name)},
+        )
+        for name, timing in timings.items()
+    ]  # fmt: skip
+
+
 def _case(record, suite, implementation, shape, layout, mode, jit, replicas) -> dict:
     """The fields that name what a record measured (shared by measurements and skips)."""
     return {
