@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 
-from bench.suites import BenchConfig, SuiteResult, measurement, register_suite
+from bench.suites import BenchConfig, SuiteResult, register_suite, timed_records
 from bench.training_worker import run_worker, run_workers
 
 WORKER = "bench.distributed_worker"
@@ -46,13 +46,10 @@ def measure_dynamic_batch(repeats: int, min_repetition_s: float) -> list:
         concrete = step.get_concrete_function(spec, spec)
         candidates.append(Candidate(f"kerasbn/batch {batch}", lambda concrete=concrete: concrete(x, upstream)))
     timings = time_interleaved(candidates, repeats, min_repetition_s)
-    return [
-        measurement(
-            "distributed", name, DYNAMIC_SHAPE, "NC", "train_step", False, timing.seconds, variant="dynamic_batch",
-            reference=name.endswith(str(DYNAMIC_SHAPE[0])), calls_per_repetition=timing.calls_per_repetition,
-        )
-        for name, timing in timings.items()
-    ]  # fmt: skip
+    return timed_records("distributed", timings, lambda name: dict(
+        shape=DYNAMIC_SHAPE, layout="NC", mode="train_step", jit=False, variant="dynamic_batch",
+        reference=name.endswith(str(DYNAMIC_SHAPE[0])),
+    ))  # fmt: skip
 
 
 @register_suite("distributed", "synchronized BN, ResNet50: MirroredStrategy and 2 MWMS workers; unknown batch")

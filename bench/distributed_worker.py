@@ -45,10 +45,9 @@ class CrossReplicaCalls:
     merge_call and batch_reduce_to belong to it). The gradient of an
     all_reduce is an all_reduce, so backward passes count too. Each replica
     thread makes its own calls in replica context: `count` is one replica's
-    (the most any thread made) plus the calls made once in cross-replica
-    context (`strategy.reduce` of the loss under MultiWorkerMirroredStrategy),
-    except those of a merge_call's function, which MirroredStrategy runs on
-    the main thread while the replicas wait in merge_call.
+    (the most any thread made) plus those made once in cross-replica context
+    (outside `strategy.run`), except a merge_call's function's, which
+    MirroredStrategy runs on the main thread while the replicas wait in merge_call.
     """
 
     def __init__(self):
@@ -180,7 +179,8 @@ def measure(strategy, args) -> list:
                   if variant != "no_bn"]  # fmt: skip
     timings = time_interleaved(candidates, args.repeats, args.min_repetition_s, warmup_calls=args.warmup)
     label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas, network=args.network,
-                 strategy=type(strategy).__name__, workers=len(args.cluster or [None]))  # fmt: skip
+                 strategy="MultiWorkerMirroredStrategy" if args.cluster else type(strategy).__name__,
+                 workers=len(args.cluster or [None]))  # fmt: skip
 
     def fields(name):
         mode, variant = name.split("/")[1:]
@@ -190,11 +190,7 @@ def measure(strategy, args) -> list:
                     calls_without_batch_norm=base, batch_norm_layers=layers, calls_per_batch_norm=(calls - base) / layers,
                     first_call_s=trace_s[mode, variant])  # fmt: skip
 
-    records = timed_records(SUITE, timings, fields)
-    for record in records:
-        print(f"[distributed] {record['implementation']}: {record.get('median_s', float('nan')) * 1e3:.0f} ms, "
-              f"{record['cross_replica_calls']} cross-replica calls/step", file=sys.stderr, flush=True)  # fmt: skip
-    return records
+    return timed_records(SUITE, timings, fields)
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,6 @@ unfolded at batch 256, is evaluated by `bench.report.goal_export`.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from typing import Dict, List
@@ -116,14 +115,6 @@ def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetitio
     return records
 
 
-def _progress(batch: int, records: List[dict]) -> str:
-    times = {r["implementation"]: r["median_s"] for r in records if r["record"] == "measurement"}
-    parts = [f"{name} {times[name] * 1e3:.3g} ms" for name in IMPLEMENTATIONS if name in times]
-    if FOLDED in times and UNFOLDED in times:
-        parts.append(f"folded/unfolded throughput {times[UNFOLDED] / times[FOLDED]:.2f}x")
-    return f"[export] batch {batch}: " + ", ".join(parts)
-
-
 @register_suite(SUITE, "exported LeNet-BN SavedModel inference, BN folded vs unfolded, batch 1 and 256")
 def run_export(config: BenchConfig, previous) -> SuiteResult:
     del previous
@@ -162,9 +153,7 @@ def run_export(config: BenchConfig, previous) -> SuiteResult:
                 "batch_norm_ops": {op: op_types[op] for op in sorted(BATCH_NORM_OP_TYPES & set(op_types))},
             }
         for batch in BATCHES:
-            batch_records = run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
-            records.extend(batch_records)
-            print(_progress(batch, batch_records), file=sys.stderr, flush=True)
+            records += run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
     notes = [
         f"LeNet-BN (training.models.build_lenet('kerasbn')) with {randomized} batch norms given seeded random "
         "moving statistics, gamma and beta; exported with training.export.export_model(fold_bn=True / False) "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import time
 from typing import Dict, List, Sequence, Tuple
 
@@ -132,21 +131,6 @@ def run_case(case: Case, family: str, repeats: int, min_repetition_s: float) -> 
     return records
 
 
-def _progress(case: Case, records: List[dict]) -> str:
-    times = {r["implementation"]: r["median_s"] for r in records if r["record"] == "measurement"}
-    reference = times.get(REFERENCE_IMPLEMENTATION)
-    parts = []
-    for name in IMPLEMENTATIONS:
-        if name not in times:
-            parts.append(f"{name} skipped")
-        elif reference:
-            parts.append(f"{name} {times[name] / reference:.2f}x")
-    head = f"{case.shape} {case.layout} {case.mode} jit={case.jit}"
-    if reference:
-        head += f" keras {reference * 1e3:.2f} ms"
-    return f"[layer] {head}: " + ", ".join(parts)
-
-
 @register_suite(
     SUITE,
     "the BN layer alone: kerasbn (auto/fused/generic), keras, from-scratch, raw fused kernel; train step and inference",
@@ -164,9 +148,7 @@ def run_layer(config: BenchConfig, previous) -> SuiteResult:
     tf_logger.setLevel(logging.ERROR)
     try:
         for case, family in cases(QUICK_SHAPES if config.quick else SHAPES):
-            case_records = run_case(case, family, repeats, min_repetition_s)
-            records.extend(case_records)
-            print(_progress(case, case_records), file=sys.stderr, flush=True)
+            records += run_case(case, family, repeats, min_repetition_s)
     finally:
         tf_logger.setLevel(level)
     notes = [

@@ -167,10 +167,6 @@ def measure_network(network: str, strategy, args) -> List[dict]:
     label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas)
     records = timed_records(SUITE, timings, lambda name: dict(**label, **labels[name], strategy=type(strategy).__name__))
     add_shares(records)
-    for record in records:
-        if record["record"] == "measurement":
-            share = "" if record["bn_share"] is None else f", BN share {record['bn_share']:.2f}"
-            print(f"[models] {record['implementation']}: {record['median_s'] * 1e3:.0f} ms{share}", file=sys.stderr)
     return records
 
 

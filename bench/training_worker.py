@@ -176,8 +176,6 @@ def measure(replicas: int, strategy, norms: List[str], steps: int, repeats: int,
             step_s = record["median_s"] / steps
             record.update(examples_per_s=batch_size / step_s, seconds_per_step=step_s,
                           epoch_s_estimate=step_s * math.ceil(EPOCH_EXAMPLES / batch_size))  # fmt: skip
-            print(f"[training] replicas={replicas} {record['implementation']}: {record['examples_per_s']:.0f} "
-                  "examples/s", file=sys.stderr, flush=True)  # fmt: skip
     return records
 
 
