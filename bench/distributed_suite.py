@@ -61,7 +61,7 @@ def run_distributed(config: BenchConfig, previous) -> SuiteResult:
     timeout_s = 600 if config.quick else 1800
     records = run_worker(WORKER, [*common, "--min-repetition-s", 0 if config.quick else 0.5], timeout_s)
     cluster = ["--cluster", *(f"127.0.0.1:{port}" for port in free_ports(2))]
-    arguments = [[*common, "--min-repetition-s", 0, *cluster, "--task", task] for task in (0, 1)]
+    arguments = [[*common, *cluster, "--task", task] for task in (0, 1)]
     records += run_workers(WORKER, arguments, timeout_s)[0]
     records += measure_dynamic_batch(config.repeats_or(full=15, quick=3), 0.05 if config.quick else 0.2)
     notes = [
@@ -75,7 +75,7 @@ def run_distributed(config: BenchConfig, previous) -> SuiteResult:
         "Cross-replica calls per step: counted while the step is traced (bench.distributed_worker.CrossReplicaCalls:"
         " outermost ReplicaContext.all_reduce/all_gather/merge_call and StrategyExtended.reduce_to/"
         "batch_reduce_to, as one replica makes them, backward passes included). Per batch norm: (calls - the "
-        "calls of the same step on a model with no batch norm) / batch-norm layers.",
+        "calls of the same step on GlobalAveragePooling + Dense, no batch norm) / batch-norm layers.",
         "What synchronizing adds: kerasbn_sync - kerasbn for kerasbn, stock_sync - kerasbn for stock.",
         f"Unknown batch: kerasbn.BatchNorm's train step (forward, gradients, moving averages) on {DYNAMIC_SHAPE}, "
         "one tf.function traced for TensorSpec batch 256 and for batch None, timed interleaved in this process.",

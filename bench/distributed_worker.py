@@ -1,20 +1,14 @@
 """The `distributed` suite's worker: synchronized batch norm under a strategy, timed and its collectives counted.
 
     python -m bench.distributed_worker --network resnet50 --json-out /tmp/mirrored.json
-    python -m bench.distributed_worker --network resnet50 --cluster 127.0.0.1:P0 127.0.0.1:P1 --task 0 \
-        --min-repetition-s 0 --json-out /tmp/worker0.json      # and --task 1 at the same time
+    python -m bench.distributed_worker --cluster 127.0.0.1:P0 127.0.0.1:P1 --task 0 --json-out /tmp/w0.json  # & task 1
 
-Without `--cluster`: MirroredStrategy over 2 logical CPU devices
-(`bench.training_worker.configure_devices`); with it, one worker of a
-MultiWorkerMirroredStrategy cluster (TF_CONFIG from the addresses). Builds
-`stock_sync` (the network with keras.layers.BatchNormalization(synchronized=True)),
-`kerasbn_sync` (`kerasbn.convert` of it: kerasbn.BatchNorm(synchronized=True))
-and `kerasbn` (convert of the stock network: synchronized=False), times their
-training steps (`train_call`) and the inference of stock
-and kerasbn (`model(x, training=False)` in `strategy.run` in a tf.function)
-interleaved, and counts each step's cross-replica calls while it is traced
-(`CrossReplicaCalls`). Workers of a cluster run the same calls in the same
-order (their collectives must pair up), so `--min-repetition-s` must be 0 there.
+Without `--cluster`: MirroredStrategy over 2 logical CPU devices; with it,
+one worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG from the
+addresses; the workers make the same calls in the same order, as their
+collectives must pair up: one call per repetition). Times the training steps
+of `VARIANTS` and the inference of stock and kerasbn interleaved, and counts
+each step's cross-replica calls while it is traced (`CrossReplicaCalls`).
 """
 
 from __future__ import annotations
@@ -125,7 +119,8 @@ def build(network: str, image_shape, strategy) -> dict:
             weights=None, input_shape=image_shape, classes=10
         )  # fmt: skip
         stock_sync = rebuild_batch_norms(stock, synchronized)
-        head = keras.Sequential([keras.Input(image_shape), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+        pooling = keras.layers.GlobalAveragePooling2D()
+        head = keras.Sequential([keras.Input(image_shape), pooling, keras.layers.Dense(10)])
         models = {"no_bn": head, "stock_sync": stock_sync, "kerasbn_sync": kerasbn.convert(stock_sync),
                   "kerasbn": kerasbn.convert(stock)}  # fmt: skip
         for model in models.values():
@@ -177,7 +172,7 @@ def measure(strategy, args) -> list:
         counts[key], trace_s[key] = counter.count, time.perf_counter() - start
     candidates = [Candidate(f"{kind}/{mode}/{variant}", call) for (mode, variant), call in steps.items()
                   if variant != "no_bn"]  # fmt: skip
-    timings = time_interleaved(candidates, args.repeats, args.min_repetition_s, warmup_calls=args.warmup)
+    timings = time_interleaved(candidates, args.repeats, args.min_repetition_s)
     label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas, network=args.network,
                  strategy="MultiWorkerMirroredStrategy" if args.cluster else type(strategy).__name__,
                  workers=len(args.cluster or [None]))  # fmt: skip
@@ -186,9 +181,9 @@ def measure(strategy, args) -> list:
         mode, variant = name.split("/")[1:]
         layers = count_batch_norms(models.get(variant, models["stock_sync"]))
         calls, base = counts[mode, variant], counts[mode, "no_bn"]
-        return dict(**label, mode=mode, variant=variant, reference=variant.startswith("stock"), cross_replica_calls=calls,
-                    calls_without_batch_norm=base, batch_norm_layers=layers, calls_per_batch_norm=(calls - base) / layers,
-                    first_call_s=trace_s[mode, variant])  # fmt: skip
+        return dict(**label, mode=mode, variant=variant, reference=variant.startswith("stock"),
+                    cross_replica_calls=calls, calls_without_batch_norm=base, batch_norm_layers=layers,
+                    calls_per_batch_norm=(calls - base) / layers, first_call_s=trace_s[mode, variant])  # fmt: skip
 
     return timed_records(SUITE, timings, fields)
 
@@ -199,15 +194,13 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32, help="global batch")
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (traced) one")
-    parser.add_argument("--min-repetition-s", type=float, default=0.5)
+    parser.add_argument("--min-repetition-s", type=float, default=0.5, help="0 with --cluster")
     parser.add_argument("--cluster", nargs="+", help="host:port of every worker: MultiWorkerMirroredStrategy")
     parser.add_argument("--task", type=int, default=0, help="this worker's index in --cluster")
     parser.add_argument("--json-out", required=True)
     args = parser.parse_args(argv)
     if args.cluster:
-        if args.min_repetition_s:
-            parser.error("workers must make the same calls: --min-repetition-s must be 0 with --cluster")
+        args.min_repetition_s = 0.0
         task = {"type": "worker", "index": args.task}
         os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": args.cluster}, "task": task})
         from training.distribute import get_strategy

@@ -165,7 +165,8 @@ def measure_network(network: str, strategy, args) -> List[dict]:
         candidates, repeats=args.repeats, min_repetition_s=args.min_repetition_s, warmup_calls=args.warmup
     )
     label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas)
-    records = timed_records(SUITE, timings, lambda name: dict(**label, **labels[name], strategy=type(strategy).__name__))
+    label.update(strategy=type(strategy).__name__)
+    records = timed_records(SUITE, timings, lambda name: dict(**label, **labels[name]))
     add_shares(records)
     return records
 

@@ -311,20 +311,21 @@ def goal_distributed(records: List[dict]) -> List[GoalResult]:
     train, infer = _distributed(records, "train_step"), _distributed(records, "inference")
     results = []
     goal = "kerasbn synchronized=True: <= 2 cross-replica calls per batch-norm layer per training step"
-    calls = {name: group["kerasbn_sync"]["calls_per_batch_norm"] for name, group in train.items() if "kerasbn_sync" in group}
+    calls = {name: g["kerasbn_sync"]["calls_per_batch_norm"] for name, g in train.items() if "kerasbn_sync" in g}
     status = "not evaluated" if not calls else "met" if max(calls.values()) <= 2 else "missed"
     results.append(GoalResult(goal, status, ", ".join(f"{k} {v:g}" for k, v in calls.items()) or missing))
     goal = "2 workers: what synchronizing adds to kerasbn's step <= 1/2 of what it adds to stock's"
     added = {name: _sync_added(group) for name, group in train.items()}
     worker = added.get("MultiWorkerMirroredStrategy")
     status = "not evaluated" if worker is None else "met" if worker <= 0.5 else "missed"
-    detail = ", ".join(f"{name} {value:.2f}" for name, value in added.items() if value is not None) or missing
-    results.append(GoalResult(goal, status, detail + (" of stock's" if added else "")))
+    detail = ", ".join(f"{name} {value:.2f} of stock's" for name, value in added.items() if value is not None)
+    results.append(GoalResult(goal, status, detail or missing))
     goal = "kerasbn inference: 0 cross-replica calls per step and time <= stock's"
     pairs = [(g["kerasbn"], g["stock"]) for g in infer.values() if {"kerasbn", "stock"} <= set(g)]
     result = _ratio_goal(goal, pairs, 1.0, "of stock", missing=missing)
     if pairs:
-        result.detail += "; calls per step " + ", ".join(f"{a['strategy']} {a['cross_replica_calls']}" for a, _ in pairs)
+        calls = ", ".join(f"{a['strategy']} {a['cross_replica_calls']}" for a, _ in pairs)
+        result.detail += f"; calls per step {calls}"
         result.status = "missed" if any(a["cross_replica_calls"] for a, _ in pairs) else result.status
     results.append(result)
     dynamic = [r for r in measurements(records, "distributed") if r["variant"] == "dynamic_batch"]
@@ -456,8 +457,8 @@ def training_table(records: List[dict]) -> List[str]:
     """Part 3's table: per replica count and norm, the epoch's time against keras BN's and the throughput."""
     training = measurements(records, "training")
     rows = [[r["replicas"], r["implementation"], _ratio_cell(r), f"{r['examples_per_s']:.0f}",
-             f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['epoch_s_estimate']:.1f}", f"{_ms(r['min_s'])}-{_ms(r['max_s'])}"]
-            for r in training]  # fmt: skip
+             f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['epoch_s_estimate']:.1f}",
+             f"{_ms(r['min_s'])}-{_ms(r['max_s'])}"] for r in training]  # fmt: skip
     return _table(["replicas", "norm", "time vs keras", "examples/s", "ms/step", "epoch s (est.)",
                    f"fit of {training[0]['steps'] if training else '-'} steps, ms min-max"], rows)  # fmt: skip
 
@@ -469,8 +470,8 @@ def export_table(records: List[dict]) -> List[str]:
         _, unfolded = _export_pair(records, r["shape"][0])
         vs_unfolded = "-" if unfolded is None else f"{unfolded['median_s'] / r['median_s']:.2f}x"
         rows.append([r["shape"][0], r["implementation"], _ms(r["median_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
-                     f"{r['examples_per_s']:.0f}", vs_unfolded, _ratio_cell(r), f"{r['max_abs_logit_diff_to_keras']:.1e}",
-                     ", ".join(map(str, r.get("load_average") or [])) or "-"])  # fmt: skip
+                     f"{r['examples_per_s']:.0f}", vs_unfolded, _ratio_cell(r),
+                     f"{r['max_abs_logit_diff_to_keras']:.1e}", ", ".join(map(str, r.get("load_average") or "-"))])
     return _table(["batch", "implementation", "median ms/call", "min-max ms", "examples/s", "throughput vs unfolded",
                    "time vs keras predict", "max abs logit diff", "load avg (1/5/15 min)"], rows)  # fmt: skip
 
@@ -608,7 +609,8 @@ def render(records: List[dict]) -> str:
         ("export", "bench.export_suite", "IMPLEMENTATIONS", "export suite `{}`"),
     ):
         if measurements(records, suite):
-            lines += [f"- {label.format(k)}: {text}" for k, text in getattr(importlib.import_module(module), legend).items()]
+            names = getattr(importlib.import_module(module), legend)
+            lines += [f"- {label.format(name)}: {text}" for name, text in names.items()]
     return "\n".join(lines) + "\n"
 
 
