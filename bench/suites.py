@@ -20,7 +20,9 @@ the report marks it as such.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
@@ -175,9 +177,6 @@ def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> Li
     call's seconds and the load average, unless `label` sets them. Prints
     each median, to follow a long run.
     """
-    import os
-    import sys
-
     load = [round(value, 2) for value in os.getloadavg()]
     records = [
         skipped(suite, name, reason=timing.error, **label(name)) if timing.error else measurement(
@@ -188,7 +187,8 @@ def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> Li
     ]  # fmt: skip
     for r in records:
         what = f"{r['median_s'] * 1e3:.3g} ms" if "median_s" in r else f"skipped: {r['reason']}"
-        print(f"[{suite}] {r['implementation']} {tuple(r['shape'])} {r['layout']} {r['mode']}: {what}", file=sys.stderr)
+        case = f"{tuple(r['shape'])} {r['layout']} {r['mode']}{' jit' if r['jit'] else ''}"
+        print(f"[{suite}] {r['implementation']} {case}: {what}", file=sys.stderr, flush=True)
     return records
 
 
