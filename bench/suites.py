@@ -186,8 +186,8 @@ def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> Li
         for name, timing in timings.items()
     ]  # fmt: skip
     for r in records:
-        what = f"{r['median_s'] * 1e3:.3g} ms" if "median_s" in r else f"skipped: {r['reason']}"
-        case = f"{tuple(r['shape'])} {r['layout']} {r['mode']}{' jit' if r['jit'] else ''}"
+        what = f"{r['median_s'] * 1e3:.4g} ms" if "median_s" in r else f"skipped: {r['reason']}"
+        case = f"{tuple(r['shape'])} {r['layout']} {r['mode']}{' jit' * r['jit']} {r['replicas']} replica(s)"
         print(f"[{suite}] {r['implementation']} {case}: {what}", file=sys.stderr, flush=True)
     return records
 
