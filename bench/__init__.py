@@ -1,8 +1,9 @@
 """kerasbn's benchmark: the layer against keras, the raw kernel and the memory floor.
 
-    python -m bench                  # everything, about 15 minutes on a 2-core machine
-    python -m bench --quick          # a ~2-minute smoke version (the tests run it)
+    python -m bench                  # everything, about 20 minutes on a 2-core machine
+    python -m bench --quick          # a few-minute smoke version (the tests run it)
     python -m bench --suite layer --repeats 9 --out /tmp/bench
+    python -m bench --suite distributed   # synchronized BN, 2 replicas and 2 workers: ~6 minutes
 
 Results go to bench/results/<date>-<host>.md and .json, copied to latest.md
 and latest.json. The suites (see `bench.suites` for how to add one):
