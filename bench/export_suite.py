@@ -29,15 +29,13 @@ unfolded at batch 256, is evaluated by `bench.report.goal_export`.
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 import time
 from typing import Dict, List
 
 import numpy as np
 
-from bench.suites import BenchConfig, SuiteResult, measurement, register_suite, skipped
+from bench.suites import BenchConfig, SuiteResult, register_suite, skipped, timed_records
 from bench.timing import Candidate, time_interleaved
 
 SUITE = "export"
@@ -108,42 +106,22 @@ def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetitio
             continue
         candidates.append(Candidate(name, _serving_call(signature, x)))
     timings = time_interleaved(candidates, repeats=repeats, min_repetition_s=min_repetition_s, warmup_calls=2)
-    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    for name, timing in timings.items():
-        if timing.error:
-            records.append(skipped(SUITE, name, reason=timing.error, **label))
-            continue
-        record = measurement(SUITE, name, seconds=timing.seconds, **label)
-        record.update(
-            batch=batch,
-            examples_per_s=batch / record["median_s"],
-            calls_per_repetition=timing.calls_per_repetition,
-            max_abs_logit_diff_to_keras=differences[name],
-            load_average=load,
-            **extra.get(name, {}),
-        )
-        records.append(record)
+    label.update(batch=batch)
+    records += timed_records(SUITE, timings, lambda name: dict(**label, max_abs_logit_diff_to_keras=differences[name],
+                                                             **extra.get(name, {})))  # fmt: skip
+    for record in records:
+        if record["record"] == "measurement":
+            record["examples_per_s"] = batch / record["median_s"]
     return records
-
-
-def _progress(batch: int, records: List[dict]) -> str:
-    times = {r["implementation"]: r["median_s"] for r in records if r["record"] == "measurement"}
-    parts = [f"{name} {times[name] * 1e3:.3g} ms" for name in IMPLEMENTATIONS if name in times]
-    if FOLDED in times and UNFOLDED in times:
-        parts.append(f"folded/unfolded throughput {times[UNFOLDED] / times[FOLDED]:.2f}x")
-    return f"[export] batch {batch}: " + ", ".join(parts)
 
 
 @register_suite(SUITE, "exported LeNet-BN SavedModel inference, BN folded vs unfolded, batch 1 and 256")
 def run_export(config: BenchConfig, previous) -> SuiteResult:
     del previous
-    try:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        from training.export import BATCH_NORM_OP_TYPES, export_model, graph_op_types
-        from training.models import build_lenet
-    except ImportError as error:
-        return SuiteResult(status="skipped", reason=f"training.export not available ({type(error).__name__}: {error})")
+    from training.export import BATCH_NORM_OP_TYPES, export_model, graph_op_types
+    from training.models import build_lenet
 
     repeats = config.repeats_or(full=15, quick=3)
     min_repetition_s = 0.02 if config.quick else 0.2
@@ -175,9 +153,7 @@ def run_export(config: BenchConfig, previous) -> SuiteResult:
                 "batch_norm_ops": {op: op_types[op] for op in sorted(BATCH_NORM_OP_TYPES & set(op_types))},
             }
         for batch in BATCHES:
-            batch_records = run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
-            records.extend(batch_records)
-            print(_progress(batch, batch_records), file=sys.stderr, flush=True)
+            records += run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
     notes = [
         f"LeNet-BN (training.models.build_lenet('kerasbn')) with {randomized} batch norms given seeded random "
         "moving statistics, gamma and beta; exported with training.export.export_model(fold_bn=True / False) "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import time
 from typing import Dict, List, Sequence, Tuple
 
@@ -21,7 +20,7 @@ import tensorflow as tf
 
 from bench import floor
 from bench.implementations import IMPLEMENTATIONS, MODES, Case, build_step
-from bench.suites import REFERENCE_IMPLEMENTATION, BenchConfig, SuiteResult, measurement, register_suite, skipped
+from bench.suites import REFERENCE_IMPLEMENTATION, BenchConfig, SuiteResult, register_suite, skipped, timed_records
 from bench.timing import Candidate, describe_error, time_interleaved
 
 SUITE = "layer"
@@ -122,43 +121,14 @@ def run_case(case: Case, family: str, repeats: int, min_repetition_s: float) -> 
         block_until_done=_block_until_done,
         warmup_calls=0,  # the checked call above traced and compiled them
     )
-    for name, timing in timings.items():
-        if timing.error:
-            records.append(skipped(SUITE, name, reason=timing.error, **label))
-            continue
-        records.append(
-            measurement(
-                SUITE,
-                name,
-                seconds=timing.seconds,
-                family=family,
-                tensor_shape=list(case.tensor_shape),
-                device=_device(),
-                calls_per_repetition=timing.calls_per_repetition,
-                first_call_s=first_call_s[name],
-                max_rel_diff_to_keras=differences.get(name),
-                bytes_moved=floor.bytes_moved(case.shape, case.mode),
-                **label,
-            )
-        )
+    records += timed_records(SUITE, timings, lambda name: dict(
+        **label, family=family, tensor_shape=list(case.tensor_shape), device=_device(),
+        first_call_s=first_call_s[name], max_rel_diff_to_keras=differences.get(name),
+        bytes_moved=floor.bytes_moved(case.shape, case.mode),
+    ))  # fmt: skip
     del steps, timings
     gc.collect()
     return records
-
-
-def _progress(case: Case, records: List[dict]) -> str:
-    times = {r["implementation"]: r["median_s"] for r in records if r["record"] == "measurement"}
-    reference = times.get(REFERENCE_IMPLEMENTATION)
-    parts = []
-    for name in IMPLEMENTATIONS:
-        if name not in times:
-            parts.append(f"{name} skipped")
-        elif reference:
-            parts.append(f"{name} {times[name] / reference:.2f}x")
-    head = f"{case.shape} {case.layout} {case.mode} jit={case.jit}"
-    if reference:
-        head += f" keras {reference * 1e3:.2f} ms"
-    return f"[layer] {head}: " + ", ".join(parts)
 
 
 @register_suite(
@@ -178,9 +148,7 @@ def run_layer(config: BenchConfig, previous) -> SuiteResult:
     tf_logger.setLevel(logging.ERROR)
     try:
         for case, family in cases(QUICK_SHAPES if config.quick else SHAPES):
-            case_records = run_case(case, family, repeats, min_repetition_s)
-            records.extend(case_records)
-            print(_progress(case, case_records), file=sys.stderr, flush=True)
+            records += run_case(case, family, repeats, min_repetition_s)
     finally:
         tf_logger.setLevel(level)
     notes = [

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Dict, List
 
@@ -38,24 +37,28 @@ VARIANTS: Dict[str, str] = {
 }
 
 
-def without_batch_norm(model):
-    """A copy of `model` with every batch norm, in nested models too, replaced by an identity layer.
-
-    The copy has fresh weights: it is a speed bound, not a trained model. The
-    identity is a `Lambda` because the graph replays the batch norm's call
-    with its `training` and `mask` arguments, which `keras.layers.Identity`
-    does not take.
-    """
+def rebuild_batch_norms(model, replace):
+    """A copy of `model` (fresh weights) with every batch norm, in nested models too, replaced by `replace(layer)`."""
     import keras
 
     from kerasbn.transforms import is_batch_norm
 
     def clone(layer):
-        if is_batch_norm(layer):
-            return keras.layers.Lambda(lambda x: x, name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
+        return replace(layer) if is_batch_norm(layer) else layer.__class__.from_config(layer.get_config())
 
     return keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+
+def without_batch_norm(model):
+    """A copy of `model` with every batch norm replaced by an identity layer: a speed bound, not a trained model.
+
+    The identity is a `Lambda` because the graph replays the batch norm's call
+    with its `training` and `mask` arguments, which `keras.layers.Identity`
+    does not take.
+    """
+    import keras
+
+    return rebuild_batch_norms(model, lambda layer: keras.layers.Lambda(lambda x: x, name=layer.name))
 
 
 def count_batch_norms(model) -> int:
@@ -89,10 +92,14 @@ def train_call(model, strategy, dataset):
     return lambda: model.train_function(iterator)
 
 
-def predict_call(model, images):
+def predict_call(model, images, strategy=None):
+    """Inference per call, in a tf.function; in `strategy.run` (every replica on `images`) when given a strategy."""
     import tensorflow as tf
 
-    predict = tf.function(lambda x: model(x, training=False), autograph=False)
+    def infer(x):
+        return model(x, training=False)
+
+    predict = tf.function(infer if strategy is None else lambda x: strategy.run(infer, args=(x,)), autograph=False)
     return lambda: predict(images)
 
 
@@ -122,7 +129,7 @@ def measure_network(network: str, strategy, args) -> List[dict]:
     import tensorflow as tf
 
     import kerasbn
-    from bench.suites import measurement, skipped
+    from bench.suites import timed_records
     from bench.timing import Candidate, time_interleaved
     from bench.training_worker import synthetic_dataset
 
@@ -157,26 +164,10 @@ def measure_network(network: str, strategy, args) -> List[dict]:
     timings = time_interleaved(
         candidates, repeats=args.repeats, min_repetition_s=args.min_repetition_s, warmup_calls=args.warmup
     )
-    load = [round(v, 2) for v in os.getloadavg()]
-    records = []
-    for name, timing in timings.items():
-        label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas, **labels[name])
-        if timing.error:
-            records.append(skipped(SUITE, name, reason=timing.error, **label))
-            continue
-        record = measurement(SUITE, name, seconds=timing.seconds, **label)
-        record.update(
-            calls_per_repetition=timing.calls_per_repetition,
-            first_call_s=timing.first_call_s,
-            load_average=load,
-            strategy=type(strategy).__name__,
-        )
-        records.append(record)
+    label = dict(shape=(args.batch, *image_shape), layout="NHWC", jit=False, replicas=replicas)
+    label.update(strategy=type(strategy).__name__)
+    records = timed_records(SUITE, timings, lambda name: dict(**label, **labels[name]))
     add_shares(records)
-    for record in records:
-        if record["record"] == "measurement":
-            share = "" if record["bn_share"] is None else f", BN share {record['bn_share']:.2f}"
-            print(f"[models] {record['implementation']}: {record['median_s'] * 1e3:.0f} ms{share}", file=sys.stderr)
     return records
 
 

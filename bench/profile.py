@@ -53,6 +53,7 @@ KINDS = {
 def build(network: str, image_size: int, batch: int):
     """`{variant: model}`, compiled, and the synthetic dataset the suite uses."""
     import keras
+    import tensorflow as tf
 
     from bench.models_worker import build_variants
     from bench.training_worker import synthetic_dataset
@@ -65,13 +66,8 @@ def build(network: str, image_size: int, batch: int):
             model.compile(optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(True))
         return models, synthetic_dataset(batch)
     image_shape = (image_size, image_size, 3)
-    return build_variants(network, image_shape, _strategy()), synthetic_dataset(batch, image_shape, batches=4)
-
-
-def _strategy():
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy()
+    strategy = tf.distribute.get_strategy()
+    return build_variants(network, image_shape, strategy), synthetic_dataset(batch, image_shape, batches=4)
 
 
 def layer_kinds(model) -> Dict[str, str]:
@@ -210,12 +206,15 @@ def profile_step(model, call, steps: int) -> dict:
 
 
 def run(network: str, quick: bool, image_size: int, batch: int) -> dict:
+    import keras
+    import tensorflow as tf
+
     from bench.models_worker import train_call
     from bench.timing import Candidate, summarize, time_interleaved
 
     started = time.perf_counter()
     models, dataset = build(network, image_size, batch)
-    calls = {variant: train_call(model, _strategy(), dataset) for variant, model in models.items()}
+    calls = {variant: train_call(model, tf.distribute.get_strategy(), dataset) for variant, model in models.items()}
     timings = time_interleaved(
         [Candidate(variant, call) for variant, call in calls.items()],
         repeats=3 if quick else 10, min_repetition_s=0.3, warmup_calls=2,
@@ -225,9 +224,6 @@ def run(network: str, quick: bool, image_size: int, batch: int) -> dict:
     for variant, call in calls.items():
         print(f"[profile] tracing {network} {variant}", file=sys.stderr, flush=True)
         profiles[variant] = profile_step(models[variant], call, steps=2 if quick else 5)
-    import keras
-    import tensorflow as tf
-
     from bench.machine import cpu_model, usable_cores
 
     header = {
@@ -244,13 +240,10 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def _table(header, rows) -> List[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-
-
 def render(result: dict) -> str:
     """The Markdown of `<network>_profile.md`."""
+    from bench.report import _table
+
     header, steps, profiles = result["header"], result["steps"], result["profiles"]
     variants = list(profiles)
     stock, bound = steps[STOCK]["median_s"], steps[BOUND]["median_s"]

@@ -7,6 +7,7 @@ a report can be rebuilt from a saved `.json` file (`render(records)`).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import pathlib
 import shutil
@@ -286,8 +287,74 @@ def goal_models(records: List[dict]) -> List[GoalResult]:
     return results
 
 
+def _distributed(records, mode: str) -> Dict[str, Dict[str, dict]]:
+    """The distributed suite's `mode` records of the networks: {strategy: {variant: record}}."""
+    found: Dict[str, Dict[str, dict]] = {}
+    for record in measurements(records, "distributed"):
+        if record["mode"] == mode and record["variant"] != "dynamic_batch":
+            found.setdefault(record["strategy"], {})[record["variant"]] = record
+    return found
+
+
+def _sync_added(group: Dict[str, dict]) -> Optional[float]:
+    """What synchronizing adds to kerasbn's step over what it adds to stock's (both minus kerasbn unsynchronized)."""
+    if {"stock_sync", "kerasbn_sync", "kerasbn"} - set(group):
+        return None
+    unsync = group["kerasbn"]["median_s"]
+    added = group["stock_sync"]["median_s"] - unsync
+    return (group["kerasbn_sync"]["median_s"] - unsync) / added if added > 0 else float("inf")
+
+
+def goal_distributed(records: List[dict]) -> List[GoalResult]:
+    """Issue 14's goals: calls per synchronized layer, the synchronization's cost on 2 workers, inference."""
+    missing = _why_not_evaluated(records, "distributed")
+    train, infer = _distributed(records, "train_step"), _distributed(records, "inference")
+    results = []
+    goal = "kerasbn synchronized=True: <= 2 cross-replica calls per batch-norm layer per training step"
+    calls = {name: g["kerasbn_sync"]["calls_per_batch_norm"] for name, g in train.items() if "kerasbn_sync" in g}
+    status = "not evaluated" if not calls else "met" if max(calls.values()) <= 2 else "missed"
+    results.append(GoalResult(goal, status, ", ".join(f"{k} {v:g}" for k, v in calls.items()) or missing))
+    goal = "2 workers: what synchronizing adds to kerasbn's step <= 1/2 of what it adds to stock's"
+    added = {name: _sync_added(group) for name, group in train.items()}
+    worker = added.get("MultiWorkerMirroredStrategy")
+    status = "not evaluated" if worker is None else "met" if worker <= 0.5 else "missed"
+    detail = ", ".join(f"{name} {value:.2f} of stock's" for name, value in added.items() if value is not None)
+    results.append(GoalResult(goal, status, detail or missing))
+    goal = "kerasbn inference: 0 cross-replica calls per step and time <= stock's"
+    pairs = [(g["kerasbn"], g["stock"]) for g in infer.values() if {"kerasbn", "stock"} <= set(g)]
+    result = _ratio_goal(goal, pairs, 1.0, "of stock", missing=missing)
+    if pairs:
+        calls = ", ".join(f"{a['strategy']} {a['cross_replica_calls']}" for a, _ in pairs)
+        result.detail += f"; calls per step {calls}"
+        result.status = "missed" if any(a["cross_replica_calls"] for a, _ in pairs) else result.status
+    results.append(result)
+    dynamic = [r for r in measurements(records, "distributed") if r["variant"] == "dynamic_batch"]
+    pairs = [(a, b) for a in dynamic for b in dynamic if not a["reference"] and b["reference"]]
+    goal = "Unknown batch (no drop_remainder): kerasbn's rank-2 train step <= 1.05x the known batch's"
+    results.append(_ratio_goal(goal, pairs, 1.05, "of the known batch's", missing=missing))
+    return results
+
+
+def distributed_table(records: List[dict]) -> List[str]:
+    """Issue 14's table: per strategy and step, each variant's time against stock and its cross-replica calls."""
+    rows = []
+    for mode in ("train_step", "inference"):
+        for strategy, group in _distributed(records, mode).items():
+            added = _sync_added(group)
+            for variant, r in group.items():
+                rows.append([strategy, mode, variant, _ms(r["median_s"]), _ratio_cell(r), r["cross_replica_calls"],
+                             f"{r['calls_per_batch_norm']:g}", f"{added:.2f}" if variant == "kerasbn_sync" and added
+                             is not None else "-"])  # fmt: skip
+    rows += [["-", r["mode"], r["implementation"], _ms(r["median_s"]), _ratio_cell(r), "-", "-", "-"]
+             for r in measurements(records, "distributed") if r["variant"] == "dynamic_batch"]  # fmt: skip
+    return _table(["strategy", "timed", "variant", "median ms", "vs stock", "calls/step", "calls/BN layer",
+                   "sync adds, vs stock's"], rows)  # fmt: skip
+
+
 # Extension point: a function from the records to goal rows, one per issue part.
-GOALS: List[Callable[[List[dict]], List[GoalResult]]] = [goal_layer, goal_training, goal_export, goal_models]
+GOALS: List[Callable[[List[dict]], List[GoalResult]]] = [
+    goal_layer, goal_training, goal_export, goal_models, goal_distributed,
+]  # fmt: skip
 
 
 def evaluate_goals(records: List[dict]) -> List[GoalResult]:
@@ -386,56 +453,27 @@ def _correctness_line(records: List[dict]) -> str:
     )
 
 
+def training_table(records: List[dict]) -> List[str]:
+    """Part 3's table: per replica count and norm, the epoch's time against keras BN's and the throughput."""
+    training = measurements(records, "training")
+    rows = [[r["replicas"], r["implementation"], _ratio_cell(r), f"{r['examples_per_s']:.0f}",
+             f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['epoch_s_estimate']:.1f}",
+             f"{_ms(r['min_s'])}-{_ms(r['max_s'])}"] for r in training]  # fmt: skip
+    return _table(["replicas", "norm", "time vs keras", "examples/s", "ms/step", "epoch s (est.)",
+                   f"fit of {training[0]['steps'] if training else '-'} steps, ms min-max"], rows)  # fmt: skip
+
+
 def export_table(records: List[dict]) -> List[str]:
     """Part 4's table: per batch size, each candidate's latency, throughput and ratios."""
     rows = []
-    for record in measurements(records, "export"):
-        _, unfolded = _export_pair(records, record["shape"][0])
-        vs_unfolded = "-"
-        if unfolded is not None:
-            vs_unfolded = f"{unfolded['median_s'] / record['median_s']:.2f}x"
-        rows.append(
-            [
-                record["shape"][0],
-                record["implementation"],
-                _ms(record["median_s"]),
-                f"{_ms(record['min_s'])}-{_ms(record['max_s'])}",
-                f"{record['examples_per_s']:.0f}",
-                vs_unfolded,
-                _ratio_cell(record),
-                f"{record['max_abs_logit_diff_to_keras']:.1e}",
-                ", ".join(map(str, record.get("load_average") or [])) or "-",
-            ]
-        )
-    return _table(
-        [
-            "batch",
-            "implementation",
-            "median ms/call",
-            "min-max ms",
-            "examples/s",
-            "throughput vs unfolded",
-            "time vs keras predict",
-            "max abs logit diff",
-            "load avg (1/5/15 min)",
-        ],
-        rows,
-    )
-
-
-def export_section(records: List[dict]) -> List[str]:
-    """The report's part 4 section; empty when the export suite measured nothing."""
-    if not measurements(records, "export"):
-        return []
-    lines = ["", "## Exported SavedModel inference: BN folded vs unfolded", ""]
-    lines += [
-        "`savedmodel_folded` / `savedmodel_unfolded`: the exported LeNet-BN's `serving_float` signature after "
-        "tf.saved_model.load; `keras`: the Keras model's own predict step, tf.function(model(x, training=False)). "
-        "Here *time vs keras predict* is relative to that predict step, not to keras.layers.BatchNormalization. "
-        "Throughput vs unfolded above 1 means faster than unfolded.",
-        "",
-    ]
-    return lines + export_table(records)
+    for r in measurements(records, "export"):
+        _, unfolded = _export_pair(records, r["shape"][0])
+        vs_unfolded = "-" if unfolded is None else f"{unfolded['median_s'] / r['median_s']:.2f}x"
+        rows.append([r["shape"][0], r["implementation"], _ms(r["median_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
+                     f"{r['examples_per_s']:.0f}", vs_unfolded, _ratio_cell(r),
+                     f"{r['max_abs_logit_diff_to_keras']:.1e}", ", ".join(map(str, r.get("load_average") or "-"))])
+    return _table(["batch", "implementation", "median ms/call", "min-max ms", "examples/s", "throughput vs unfolded",
+                   "time vs keras predict", "max abs logit diff", "load avg (1/5/15 min)"], rows)  # fmt: skip
 
 
 def models_table(records: List[dict]) -> List[str]:
@@ -464,6 +502,23 @@ def models_table(records: List[dict]) -> List[str]:
          "kerasbn vs no BN", "stock ms min-max"],
         rows,
     )  # fmt: skip
+
+
+# (suite, heading, table): the sections of the report and of the summary that one suite's table makes.
+SECTIONS = (
+    ("training", "LeNet-BN training throughput", training_table),
+    ("export", "Exported SavedModel inference: BN folded vs unfolded (time vs the Keras model's predict step)",
+     export_table),
+    ("models", "Real networks: stock keras BN vs kerasbn vs no BN", models_table),
+    ("distributed", "Distributed: synchronized BN, cross-replica calls, unknown batch", distributed_table),
+)  # fmt: skip
+
+
+def _sections(records: List[dict], heading: str) -> List[str]:
+    lines = []
+    for suite, title, table in SECTIONS:
+        lines += ["", heading + title, "", *table(records)] if measurements(records, suite) else []
+    return lines
 
 
 def render(records: List[dict]) -> str:
@@ -519,37 +574,7 @@ def render(records: List[dict]) -> str:
             ["shape", "layout", "mode", "jit", *LAYER_COLUMNS], _layer_rows(records, time_cell, lambda g: [])
         )
 
-    training = measurements(records, "training")
-    if training:
-        lines += ["", "## LeNet-BN training throughput", ""]
-        rows = [
-            [
-                r["replicas"],
-                r["implementation"],
-                _ratio_cell(r),
-                f"{r['examples_per_s']:.0f}",
-                f"{r['seconds_per_step'] * 1e3:.1f}",
-                f"{r['epoch_s_estimate']:.1f}",
-                f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
-            ]
-            for r in training
-        ]
-        lines += _table(
-            [
-                "replicas",
-                "norm",
-                "time vs keras",
-                "examples/s",
-                "ms/step",
-                "epoch s (est.)",
-                f"fit of {training[0]['steps']} steps, ms min-max",
-            ],
-            rows,
-        )
-
-    lines += export_section(records)
-    if measurements(records, "models"):
-        lines += ["", "## Real networks: stock keras BN vs kerasbn vs no BN", ""] + models_table(records)
+    lines += _sections(records, "## ")
 
     lines += ["", "## Suites", ""]
     suite_rows = []
@@ -578,14 +603,14 @@ def render(records: List[dict]) -> str:
     from bench.implementations import IMPLEMENTATIONS
 
     lines += [f"- `{name}`: {text}" for name, text in IMPLEMENTATIONS.items()]
-    if measurements(records, "models"):
-        from bench.models_worker import VARIANTS
-
-        lines += [f"- models suite `<network>/<train|infer>/<n>dev/{name}`: {text}" for name, text in VARIANTS.items()]
-    if measurements(records, "export"):
-        from bench.export_suite import IMPLEMENTATIONS as EXPORT_IMPLEMENTATIONS
-
-        lines += [f"- export suite `{name}`: {text}" for name, text in EXPORT_IMPLEMENTATIONS.items()]
+    for suite, module, legend, label in (
+        ("models", "bench.models_worker", "VARIANTS", "models suite `<network>/<train|infer>/<n>dev/{}`"),
+        ("distributed", "bench.distributed_worker", "VARIANTS", "distributed suite `<strategy>/<step>/{}`"),
+        ("export", "bench.export_suite", "IMPLEMENTATIONS", "export suite `{}`"),
+    ):
+        if measurements(records, suite):
+            names = getattr(importlib.import_module(module), legend)
+            lines += [f"- {label.format(name)}: {text}" for name, text in names.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -596,23 +621,7 @@ def summary(records: List[dict]) -> str:
     if measurements(records, "layer"):
         lines += ["", "Layer time relative to keras.layers.BatchNormalization (lower is faster):", ""]
         lines += layer_ratio_table(records)
-    training = measurements(records, "training")
-    if training:
-        lines += ["", "LeNet-BN training (time relative to keras BN):"]
-        lines += [
-            f"  replicas={r['replicas']} {r['implementation']}: {_ratio_cell(r)}, {r['examples_per_s']:.0f} examples/s"
-            for r in training
-        ]
-    export = measurements(records, "export")
-    if export:
-        lines += ["", "Exported SavedModel inference (keras = the Keras model's predict step):"]
-        lines += [
-            f"  batch={r['shape'][0]} {r['implementation']}: {_ms(r['median_s'])} ms/call, "
-            f"{r['examples_per_s']:.0f} examples/s, {_ratio_cell(r)} of keras predict"
-            for r in export
-        ]
-    if measurements(records, "models"):
-        lines += ["", "Real networks (time relative to stock keras BN):", ""] + models_table(records)
+    lines += _sections(records, "")
     lines += ["", "Goals:"]
     lines += [f"  [{g.status}] {g.goal}: {g.detail}" for g in evaluate_goals(records)]
     return "\n".join(lines)

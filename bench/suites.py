@@ -20,7 +20,9 @@ the report marks it as such.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
@@ -28,7 +30,7 @@ DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
 # Fields that, with `suite`, identify what was measured; two records that
 # agree on them (and differ in `implementation`) are compared in ratios, with
 # the one named REFERENCE_IMPLEMENTATION (or marked `reference`) as the base.
-GROUP_FIELDS = ("suite", "network", "shape", "layout", "mode", "jit", "replicas")
+GROUP_FIELDS = ("suite", "network", "shape", "layout", "mode", "jit", "replicas", "strategy")
 REFERENCE_IMPLEMENTATION = "keras"
 
 
@@ -148,17 +150,8 @@ def resolve(names: Sequence[str]) -> List[Suite]:
     return [suite for name, suite in SUITES.items() if name in wanted]
 
 
-def measurement(
-    suite: str,
-    implementation: str,
-    shape: Sequence[int],
-    layout: str,
-    mode: str,
-    jit: bool,
-    seconds: Sequence[float],
-    replicas: int = 1,
-    **extra,
-) -> dict:
+def measurement(suite: str, implementation: str, shape: Sequence[int], layout: str, mode: str, jit: bool,
+                seconds: Sequence[float], replicas: int = 1, **extra) -> dict:  # fmt: skip
     """A measurement record from the per-repetition times of one implementation.
 
     `ratio_to_keras` is filled in later (`report.add_ratios`), once the
@@ -166,43 +159,40 @@ def measurement(
     """
     from bench.timing import summarize
 
-    stats = summarize(seconds)
-    return {
-        **_case("measurement", suite, implementation, shape, layout, mode, jit, replicas),
-        **stats,
-        "ratio_to_keras": None,
-        **extra,
-    }
+    case = _case("measurement", suite, implementation, shape, layout, mode, jit, replicas)
+    return {**case, **summarize(seconds), "ratio_to_keras": None, **extra}
 
 
-def skipped(
-    suite: str,
-    implementation: str,
-    shape: Sequence[int],
-    layout: str,
-    mode: str,
-    jit: bool,
-    reason: str,
-    replicas: int = 1,
-    **extra,
-) -> dict:
+def skipped(suite: str, implementation: str, shape: Sequence[int], layout: str, mode: str, jit: bool, reason: str,
+            replicas: int = 1, **extra) -> dict:  # fmt: skip
     """A record saying one measurement could not be taken here, and why."""
-    return {
-        **_case("skipped", suite, implementation, shape, layout, mode, jit, replicas),
-        "reason": reason,
-        **extra,
-    }
+    return {**_case("skipped", suite, implementation, shape, layout, mode, jit, replicas), "reason": reason, **extra}
+
+
+def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> List[dict]:
+    """A measurement per candidate `bench.timing.time_interleaved` timed, a skip (its error) per one it could not.
+
+    `label(name)` gives the record's fields (shape, layout, mode, jit, any
+    others); a measurement also gets the calls per repetition, the first
+    call's seconds and the load average, unless `label` sets them. Prints
+    each median, to follow a long run.
+    """
+    load = [round(value, 2) for value in os.getloadavg()]
+    records = [
+        skipped(suite, name, reason=timing.error, **label(name)) if timing.error else measurement(
+            suite, name, seconds=timing.seconds, **{"calls_per_repetition": timing.calls_per_repetition,
+            "first_call_s": timing.first_call_s, "load_average": load, **label(name)},
+        )
+        for name, timing in timings.items()
+    ]  # fmt: skip
+    for r in records:
+        what = f"{r['median_s'] * 1e3:.4g} ms" if "median_s" in r else f"skipped: {r['reason']}"
+        case = f"{tuple(r['shape'])} {r['layout']} {r['mode']}{' jit' * r['jit']} {r['replicas']} replica(s)"
+        print(f"[{suite}] {r['implementation']} {case}: {what}", file=sys.stderr, flush=True)
+    return records
 
 
 def _case(record, suite, implementation, shape, layout, mode, jit, replicas) -> dict:
     """The fields that name what a record measured (shared by measurements and skips)."""
-    return {
-        "record": record,
-        "suite": suite,
-        "implementation": implementation,
-        "shape": list(shape),
-        "layout": layout,
-        "mode": mode,
-        "jit": bool(jit),
-        "replicas": int(replicas),
-    }
+    return dict(record=record, suite=suite, implementation=implementation, shape=list(shape), layout=layout,
+                mode=mode, jit=bool(jit), replicas=int(replicas))  # fmt: skip

@@ -3,13 +3,10 @@
 Runs `bench.training_worker` in a subprocess per replica count (two
 replicas on a CPU need logical devices configured before TensorFlow
 starts), the norms interleaved inside each. The model comes
-from `training.models.build_lenet`; where that does not exist yet the suite
-reports itself skipped.
+from `training.models.build_lenet`.
 """
 
 from __future__ import annotations
-
-import importlib
 
 from bench.suites import BenchConfig, SuiteResult, register_suite
 from bench.training_worker import run_worker
@@ -18,23 +15,9 @@ REPLICAS = (1, 2)
 NORMS = ("kerasbn", "keras", "none")
 
 
-def _build_lenet_available() -> str:
-    """Empty when `training.models.build_lenet` can be imported, else why not."""
-    try:
-        models = importlib.import_module("training.models")
-    except ImportError as error:
-        return f"training.models not available ({type(error).__name__}: {error})"
-    if not callable(getattr(models, "build_lenet", None)):
-        return "training.models not available (it has no build_lenet)"
-    return ""
-
-
 @register_suite("training", "LeNet-BN training throughput (fit), --norm kerasbn/keras/none, 1 and 2 replicas")
 def run_training(config: BenchConfig, previous) -> SuiteResult:
     del previous
-    missing = _build_lenet_available()
-    if missing:
-        return SuiteResult(status="skipped", reason=missing)
     steps = 4 if config.quick else 40
     repeats = config.repeats_or(full=5, quick=2)
     # A full run also times synchronized (global-batch) statistics at 2 replicas.

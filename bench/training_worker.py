@@ -48,51 +48,57 @@ def run_worker(module: str, arguments, timeout_s: float) -> list:
     A fresh process, because logical CPU devices (two replicas on a CPU) can
     only be configured before TensorFlow initialises its runtime.
     """
+    return run_workers(module, [arguments], timeout_s)[0]
+
+
+def run_workers(module: str, argument_lists, timeout_s: float) -> List[list]:
+    """Like `run_worker`, one process per argument list, all at once (a cluster); returns each one's records.
+
+    Every process still running when one fails or the time is up is killed.
+    """
     with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "records.json")
-        command = [sys.executable, "-m", module, *map(str, arguments), "--json-out", out]
+        outs = [os.path.join(folder, f"records{index}.json") for index in range(len(argument_lists))]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, timeout=timeout_s, stdout=subprocess.PIPE)
-        if completed.returncode != 0:
-            raise RuntimeError(f"worker {command[2:-2]} exited with {completed.returncode} (its stderr is above)")
-        with open(out, encoding="utf-8") as f:
-            return json.load(f)["records"]
+        processes = []
+        try:
+            for arguments, out in zip(argument_lists, outs):
+                command = [sys.executable, "-m", module, *map(str, arguments), "--json-out", out]
+                processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL))
+            deadline = time.monotonic() + timeout_s
+            for process in processes:
+                process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+                if process.returncode != 0:
+                    raise RuntimeError(
+                        f"worker {process.args[2:-2]} exited with {process.returncode} (its stderr is above)"
+                    )
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        records = []
+        for out in outs:
+            with open(out, encoding="utf-8") as f:
+                records.append(json.load(f)["records"])
+        return records
 
 
 def configure_devices(replicas: int):
     """Makes `replicas` devices available and returns a function giving the strategy.
 
-    Uses `training.distribute` (the project's one strategy factory) where it
-    exists: `configure_cpu_replicas` splits the CPU into logical devices and
-    `get_strategy("auto")` mirrors over them (or over the GPUs), or uses one
-    device for one replica. Must run before TensorFlow initialises its runtime.
+    `training.distribute` (the project's one strategy factory) splits the CPU
+    into logical devices, and `get_strategy("auto")` mirrors over them (or
+    over the GPUs), or uses one device for one replica. Must run before
+    TensorFlow initialises its runtime.
     """
     import tensorflow as tf
 
-    try:
-        from training.distribute import configure_cpu_replicas, get_strategy
-    except ImportError:
-        configure_cpu_replicas = get_strategy = None
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus and replicas > 1:
-        if configure_cpu_replicas is not None:
-            configure_cpu_replicas(replicas)
-        else:
-            tf.config.set_logical_device_configuration(
-                tf.config.list_physical_devices("CPU")[0],
-                [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)],
-            )
+    from training.distribute import configure_cpu_replicas, get_strategy
 
-    def strategy():
-        if get_strategy is not None:
-            return get_strategy("auto")
-        devices = [d.name for d in (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))]
-        if len(devices) == 1:
-            return tf.distribute.OneDeviceStrategy(devices[0])
-        return tf.distribute.MirroredStrategy(devices)
-
-    return strategy
+    if not tf.config.list_physical_devices("GPU"):
+        configure_cpu_replicas(replicas)
+    return lambda: get_strategy("auto")
 
 
 def synthetic_dataset(batch_size: int, image_shape=IMAGE_SHAPE, batches: int = 8):
@@ -129,7 +135,7 @@ def measure(replicas: int, strategy, norms: List[str], steps: int, repeats: int,
     """Times an epoch of `steps` steps in `fit` for each norm, interleaved; returns the records."""
     import keras
 
-    from bench.suites import measurement, skipped
+    from bench.suites import skipped, timed_records
     from bench.timing import Candidate, describe_error, time_interleaved
     from training.models import build_lenet
 
@@ -162,27 +168,14 @@ def measure(replicas: int, strategy, norms: List[str], steps: int, repeats: int,
 
     timings = time_interleaved(candidates, repeats=repeats, min_repetition_s=0.0)
     devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
-    for norm, timing in timings.items():
-        if timing.error:
-            records.append(skipped("training", norm, reason=timing.error, **label))
-            continue
-        record = measurement("training", norm, seconds=timing.seconds, **label)
-        record.update(
-            steps=steps,
-            examples_per_s=steps * batch_size / record["median_s"],
-            seconds_per_step=record["median_s"] / steps,
-            epoch_s_estimate=record["median_s"] / steps * math.ceil(EPOCH_EXAMPLES / batch_size),
-            first_fit_s=timing.first_call_s,
-            strategy=type(strategy).__name__,
-            devices=devices,
-            build_lenet_kwargs=NORMS[norm],
-        )
-        records.append(record)
-        print(
-            f"[training] replicas={replicas} {norm}: {record['examples_per_s']:.0f} examples/s",
-            file=sys.stderr,
-            flush=True,
-        )
+    records += timed_records("training", timings, lambda norm: dict(
+        **label, steps=steps, strategy=type(strategy).__name__, devices=devices, build_lenet_kwargs=NORMS[norm]
+    ))  # fmt: skip
+    for record in records:
+        if record["record"] == "measurement":
+            step_s = record["median_s"] / steps
+            record.update(examples_per_s=batch_size / step_s, seconds_per_step=step_s,
+                          epoch_s_estimate=step_s * math.ceil(EPOCH_EXAMPLES / batch_size))  # fmt: skip
     return records
 
 

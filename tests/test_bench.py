@@ -123,20 +123,17 @@ def test_quick_run_measurements_are_consistent(quick_records):
 @pytest.mark.slow
 def test_quick_run_suites_and_skips(quick_records):
     suites = {r["name"]: r for r in quick_records if r["record"] == "suite"}
-    assert list(suites) == ["floor", "layer", "training", "export", "models"]
+    assert list(suites) == ["floor", "layer", "training", "export", "models", "distributed"]
     assert suites["floor"]["status"] == suites["layer"]["status"] == suites["export"]["status"] == "ok"
     assert all(suite["counts_as_done"] for suite in suites.values())
     training = [r for r in quick_records if r["record"] == "measurement" and r["suite"] == "training"]
-    if suites["training"]["status"] == "skipped":
-        assert suites["training"]["reason"].startswith("training.models not available")
-    else:
-        assert suites["training"]["status"] == "ok"
-        assert {(r["implementation"], r["replicas"]) for r in training} == {
-            (norm, replicas) for norm in ("kerasbn", "keras", "none") for replicas in (1, 2)
-        }
-        for record in training:
-            assert math.isfinite(record["ratio_to_keras"]) and record["ratio_to_keras"] > 0
-            assert record["examples_per_s"] == pytest.approx(record["steps"] * 256 / record["median_s"])
+    assert suites["training"]["status"] == suites["distributed"]["status"] == "ok"
+    assert {(r["implementation"], r["replicas"]) for r in training} == {
+        (norm, replicas) for norm in ("kerasbn", "keras", "none") for replicas in (1, 2)
+    }
+    for record in training:
+        assert math.isfinite(record["ratio_to_keras"]) and record["ratio_to_keras"] > 0
+        assert record["examples_per_s"] == pytest.approx(record["steps"] * 256 / record["median_s"])
     for record in quick_records:
         if record["record"] == "skipped":
             assert record["reason"], record
@@ -182,7 +179,7 @@ def test_quick_run_export_suite_records(quick_run, quick_records):
     markdown = (out / "latest.md").read_text()
     assert "## Exported SavedModel inference: BN folded vs unfolded" in markdown
     assert "| 256 | savedmodel_folded |" in markdown
-    assert "batch=256 savedmodel_folded:" in completed.stdout
+    assert "| 256 | savedmodel_folded |" in completed.stdout
 
 
 @pytest.mark.slow
@@ -268,6 +265,109 @@ def test_models_goals_and_bn_share_from_made_up_records():
     assert "| resnet50 | train_step | 2 | 2000 | kerasbn.convert 0.90x | - | - | - | 2000-2000 |" in table
 
 
+def test_distributed_suite_at_a_tiny_size_counts_calls_and_ratios(tmp_path):
+    """`python -m bench --quick --suite distributed`: a two-conv network at 32x32, 2 repetitions."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "bench", "--quick", "--suite", "distributed", "--out", str(tmp_path)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    records = json.loads((tmp_path / "latest.json").read_text())
+    found = {r["implementation"]: r for r in records if r["record"] == "measurement"}
+    kinds = ("mirrored", "multiworker")
+    expected = [f"{kind}/train_step/{v}" for kind in kinds for v in ("stock_sync", "kerasbn_sync", "kerasbn")]
+    expected += [f"{kind}/inference/{v}" for kind in kinds for v in ("stock", "kerasbn")]
+    assert sorted(found) == sorted(expected + ["kerasbn/batch 256", "kerasbn/batch None"])
+    for name, record in found.items():
+        assert math.isfinite(record["ratio_to_keras"]) and record["ratio_to_keras"] > 0, name
+        if name.startswith(("mirrored", "multiworker")):
+            assert record["replicas"] == 2 and record["batch_norm_layers"] == 2, name
+            assert isinstance(record["cross_replica_calls"], int) and record["cross_replica_calls"] >= 0, name
+            extra = record["cross_replica_calls"] - record["calls_without_batch_norm"]
+            assert record["calls_per_batch_norm"] == extra / 2, name
+    for kind in ("mirrored", "multiworker"):
+        # Stock's synchronized moments: 3 all-reduces forward, 2 backward; unsynchronized kerasbn: none.
+        assert found[f"{kind}/train_step/stock_sync"]["calls_per_batch_norm"] == 5
+        assert found[f"{kind}/train_step/kerasbn"]["calls_per_batch_norm"] == 0
+        assert found[f"{kind}/train_step/kerasbn"]["calls_without_batch_norm"] > 0  # the gradients' all-reduce
+    assert found["kerasbn/batch 256"]["ratio_to_keras"] == 1.0
+    goals = {g.goal: g for g in report.goal_distributed(records)}
+    assert len(goals) == 4 and all(g.status in ("met", "missed") for g in goals.values()), goals
+    assert "| MultiWorkerMirroredStrategy | train_step | kerasbn_sync |" in (tmp_path / "latest.md").read_text()
+
+
+def test_cross_replica_calls_counts_outermost_calls_once_per_replica():
+    tf = pytest.importorskip("tensorflow")
+    from bench.distributed_worker import CrossReplicaCalls
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0"])
+
+    def replica_step(x):
+        x = x + 0.0  # placed on the replica's device (the all-reduce's destination)
+        context = tf.distribute.get_replica_context()
+        total = context.all_reduce("SUM", x)  # its own merge_call and batch_reduce_to are part of it
+        gathered = context.all_gather(x, axis=0)
+        context.merge_call(lambda strategy, value: strategy.extended.reduce_to("SUM", value, "CPU:0"), args=(x,))
+        return total + tf.reduce_sum(gathered)
+
+    @tf.function
+    def step(x):
+        with strategy.scope():
+            return strategy.extended.reduce_to("SUM", strategy.run(replica_step, args=(x,)), "CPU:0")
+
+    with CrossReplicaCalls() as counter:
+        step(tf.ones([2]))
+    # all_reduce, all_gather, merge_call in the replica (the merge function's reduce_to is part of it), then
+    # a reduction across replicas.
+    assert (max(counter.replica_calls.values()), counter.cross_replica_calls, counter.count) == (3, 1, 4)
+    with CrossReplicaCalls() as counter:
+        step(tf.ones([2]))  # traced already: nothing runs in Python
+    assert counter.count == 0
+    assert "counted" not in tf.distribute.ReplicaContext.all_reduce.__qualname__  # restored
+
+
+def test_distributed_goals_and_table_from_made_up_records():
+    def record(strategy, mode, variant, seconds, calls, per_layer):
+        return measurement(
+            "distributed", f"{strategy}/{mode}/{variant}", (32, 112, 112, 3), "NHWC", mode, False, [seconds],
+            replicas=2, network="resnet50", variant=variant, strategy=strategy, reference=variant.startswith("stock"),
+            cross_replica_calls=calls, calls_per_batch_norm=per_layer,
+        )  # fmt: skip
+
+    mwms, mirrored = "MultiWorkerMirroredStrategy", "MirroredStrategy"
+    records = [
+        record(mwms, "train_step", "stock_sync", 3.0, 268, 5), record(mwms, "train_step", "kerasbn_sync", 2.2, 109, 2),
+        record(mwms, "train_step", "kerasbn", 2.0, 3, 0), record(mwms, "inference", "stock", 0.5, 0, 0),
+        record(mwms, "inference", "kerasbn", 0.4, 0, 0), record(mirrored, "train_step", "stock_sync", 2.0, 268, 5),
+        record(mirrored, "train_step", "kerasbn_sync", 2.0, 215, 4),
+        record(mirrored, "train_step", "kerasbn", 1.0, 3, 0),
+        record(mirrored, "inference", "stock", 0.5, 0, 0), record(mirrored, "inference", "kerasbn", 0.6, 53, 1),
+    ]  # fmt: skip
+    for batch, seconds in ((256, 1.0), (None, 1.1)):
+        records.append(measurement("distributed", f"kerasbn/batch {batch}", (256, 120), "NC", "train_step", False,
+                                   [seconds], variant="dynamic_batch", reference=batch == 256))  # fmt: skip
+    report.add_ratios(records)
+    assert records[1]["ratio_to_keras"] == pytest.approx(2.2 / 3.0) and records[6]["ratio_to_keras"] == 1.0
+    assert records[-1]["ratio_to_keras"] == pytest.approx(1.1)
+    goals = {g.goal: (g.status, g.detail) for g in report.goal_distributed(records)}
+    assert goals["kerasbn synchronized=True: <= 2 cross-replica calls per batch-norm layer per training step"] == (
+        "missed", "MultiWorkerMirroredStrategy 2, MirroredStrategy 4"
+    )
+    # (2.2 - 2.0) / (3.0 - 2.0) on the workers; (2.0 - 1.0) / (2.0 - 1.0) in one process.
+    assert goals["2 workers: what synchronizing adds to kerasbn's step <= 1/2 of what it adds to stock's"] == (
+        "met", "MultiWorkerMirroredStrategy 0.20 of stock's, MirroredStrategy 1.00 of stock's"
+    )
+    status, detail = goals["kerasbn inference: 0 cross-replica calls per step and time <= stock's"]
+    assert status == "missed" and detail.endswith("calls per step MultiWorkerMirroredStrategy 0, MirroredStrategy 53")
+    assert goals["Unknown batch (no drop_remainder): kerasbn's rank-2 train step <= 1.05x the known batch's"][0] == (
+        "missed"
+    )
+    table = "\n".join(report.distributed_table(records))
+    assert "| MultiWorkerMirroredStrategy | train_step | kerasbn_sync | 2200 | 0.73x | 109 | 2 | 0.20 |" in table
+    assert "| - | train_step | kerasbn/batch None | 1100 | 1.10x | - | - | - |" in table
+    assert [g.status for g in report.goal_distributed(records[:1])][2:] == ["not evaluated", "not evaluated"]
+
+
 def test_without_batch_norm_replaces_every_batch_norm_in_nested_models():
     keras = pytest.importorskip("keras")
     import kerasbn
@@ -293,7 +393,7 @@ def test_resolve_adds_required_suites_in_registry_order():
     bench.load_suites()
     assert [s.name for s in resolve(["layer"])] == ["floor", "layer"]
     assert [s.name for s in resolve(["export", "floor"])] == ["floor", "export"]
-    assert [s.name for s in resolve([])] == ["floor", "layer", "training", "export", "models"]
+    assert [s.name for s in resolve([])] == ["floor", "layer", "training", "export", "models", "distributed"]
 
 
 def test_config_errors_name_the_argument_and_value():
