@@ -72,8 +72,8 @@ def run_distributed(config: BenchConfig, previous) -> SuiteResult:
         "MirroredStrategy: one process, 2 logical CPU devices. MultiWorkerMirroredStrategy: 2 worker processes "
         "on 127.0.0.1 sharing the CPU, one replica each; the chief's times. Within a process every variant is "
         f"timed interleaved: a first (traced) call, a warm-up call, then {repeats} rounds, order rotated.",
-        "Cross-replica calls per step: counted while the step is traced (bench.distributed_worker.CrossReplicaCalls:"
-        " outermost ReplicaContext.all_reduce/all_gather/merge_call and StrategyExtended.reduce_to/"
+        "Cross-replica calls per step: counted while the step is traced (kerasbn.count_cross_replica_calls:"
+        " outermost ReplicaContext.all_reduce/all_gather and StrategyExtended.reduce_to/"
         "batch_reduce_to, as one replica makes them, backward passes included). Per batch norm: (calls - the "
         "calls of the same step on GlobalAveragePooling + Dense, no batch norm) / batch-norm layers.",
         "What synchronizing adds: kerasbn_sync - kerasbn for kerasbn, stock_sync - kerasbn for stock.",

@@ -8,17 +8,15 @@ one worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG from the
 addresses; the workers make the same calls in the same order, as their
 collectives must pair up: one call per repetition). Times the training steps
 of `VARIANTS` and the inference of stock and kerasbn interleaved, and counts
-each step's cross-replica calls while it is traced (`CrossReplicaCalls`).
+each step's cross-replica calls while it is traced (`kerasbn.count_cross_replica_calls`).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
-import threading
 import time
 
 SUITE = "distributed"
@@ -28,68 +26,6 @@ VARIANTS = {
     "kerasbn": "kerasbn.convert of the stock network: kerasbn.BatchNorm(synchronized=False)",
     "stock": "inference of stock_sync (synchronized does not apply in inference)",
 }
-
-
-class CrossReplicaCalls:
-    """Counts the cross-replica calls made while a step is traced (a context manager; tracing is Python).
-
-    Counted: `tf.distribute.ReplicaContext.all_reduce`, `.all_gather`,
-    `.merge_call` and `tf.distribute.StrategyExtended.reduce_to`,
-    `.batch_reduce_to`, only the outermost on a thread (all_reduce's own
-    merge_call and batch_reduce_to belong to it). The gradient of an
-    all_reduce is an all_reduce, so backward passes count too. Each replica
-    thread makes its own calls in replica context: `count` is one replica's
-    (the most any thread made) plus those made once in cross-replica context
-    (outside `strategy.run`), except a merge_call's function's, which
-    MirroredStrategy runs on the main thread while the replicas wait in merge_call.
-    """
-
-    def __init__(self):
-        self.replica_calls = collections.Counter()
-        self.cross_replica_calls = 0
-        self._local = threading.local()
-        self._merging = 0
-        self._restore = []
-
-    @property
-    def count(self) -> int:
-        return max(self.replica_calls.values(), default=0) + self.cross_replica_calls
-
-    def __enter__(self):
-        import tensorflow as tf
-
-        for cls, names in (
-            (tf.distribute.ReplicaContext, ("all_reduce", "all_gather", "merge_call")),
-            (tf.distribute.StrategyExtended, ("reduce_to", "batch_reduce_to")),
-        ):
-            for name in names:
-                owner = next(c for c in cls.__mro__ if name in c.__dict__)  # patched where it is defined
-                self._restore.append((owner, name, owner.__dict__[name]))
-                setattr(owner, name, self._counted(name, owner.__dict__[name]))
-        return self
-
-    def __exit__(self, *exc_info):
-        while self._restore:
-            owner, name, original = self._restore.pop()
-            setattr(owner, name, original)
-
-    def _counted(self, name, original):
-        import tensorflow as tf
-
-        def counted(instance, *args, **kwargs):
-            depth = getattr(self._local, "depth", 0)
-            if not depth and tf.distribute.get_replica_context() is not None:
-                self.replica_calls[threading.get_ident()] += 1
-            elif not depth and not self._merging:
-                self.cross_replica_calls += 1
-            merge = name == "merge_call"
-            self._local.depth, self._merging = depth + 1, self._merging + merge
-            try:
-                return original(instance, *args, **kwargs)
-            finally:
-                self._local.depth, self._merging = depth, self._merging - merge
-
-        return counted
 
 
 def two_conv(input_shape, classes):
@@ -149,6 +85,7 @@ def measure(strategy, args) -> list:
     import numpy as np
     import tensorflow as tf
 
+    import kerasbn
     from bench.models_worker import count_batch_norms, predict_call
     from bench.suites import timed_records
     from bench.timing import Candidate, time_interleaved
@@ -167,9 +104,9 @@ def measure(strategy, args) -> list:
     counts, trace_s = {}, {}
     for key, call in steps.items():  # the first call traces: counted, and timed apart
         start = time.perf_counter()
-        with CrossReplicaCalls() as counter:
+        with kerasbn.count_cross_replica_calls() as counter:
             call()
-        counts[key], trace_s[key] = counter.count, time.perf_counter() - start
+        counts[key], trace_s[key] = sum(counter.values()), time.perf_counter() - start
     candidates = [Candidate(f"{kind}/{mode}/{variant}", call) for (mode, variant), call in steps.items()
                   if variant != "no_bn"]  # fmt: skip
     timings = time_interleaved(candidates, args.repeats, args.min_repetition_s)

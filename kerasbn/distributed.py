@@ -283,7 +283,7 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
         _HANDOVERS[model] = cached
     try:
         cached[1]()
-    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError) as error:
+    except tf.errors.DeadlineExceededError as error:  # a lost peer stays UnavailableError (restart)
         raise RuntimeError(
             "`sync_moving_statistics` is a collective call: every worker must call it. The other "
             f"workers did not join within timeout_seconds={timeout_seconds} ({type(error).__name__}). "

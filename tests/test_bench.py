@@ -296,36 +296,6 @@ def test_distributed_suite_at_a_tiny_size_counts_calls_and_ratios(tmp_path):
     assert "| MultiWorkerMirroredStrategy | train_step | kerasbn_sync |" in (tmp_path / "latest.md").read_text()
 
 
-def test_cross_replica_calls_counts_outermost_calls_once_per_replica():
-    tf = pytest.importorskip("tensorflow")
-    from bench.distributed_worker import CrossReplicaCalls
-
-    strategy = tf.distribute.MirroredStrategy(["CPU:0"])
-
-    def replica_step(x):
-        x = x + 0.0  # placed on the replica's device (the all-reduce's destination)
-        context = tf.distribute.get_replica_context()
-        total = context.all_reduce("SUM", x)  # its own merge_call and batch_reduce_to are part of it
-        gathered = context.all_gather(x, axis=0)
-        context.merge_call(lambda strategy, value: strategy.extended.reduce_to("SUM", value, "CPU:0"), args=(x,))
-        return total + tf.reduce_sum(gathered)
-
-    @tf.function
-    def step(x):
-        with strategy.scope():
-            return strategy.extended.reduce_to("SUM", strategy.run(replica_step, args=(x,)), "CPU:0")
-
-    with CrossReplicaCalls() as counter:
-        step(tf.ones([2]))
-    # all_reduce, all_gather, merge_call in the replica (the merge function's reduce_to is part of it), then
-    # a reduction across replicas.
-    assert (max(counter.replica_calls.values()), counter.cross_replica_calls, counter.count) == (3, 1, 4)
-    with CrossReplicaCalls() as counter:
-        step(tf.ones([2]))  # traced already: nothing runs in Python
-    assert counter.count == 0
-    assert "counted" not in tf.distribute.ReplicaContext.all_reduce.__qualname__  # restored
-
-
 def test_distributed_goals_and_table_from_made_up_records():
     def record(strategy, mode, variant, seconds, calls, per_layer):
         return measurement(
