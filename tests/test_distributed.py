@@ -291,7 +291,7 @@ def test_unsynchronized_moving_statistics_agree_where_stock_layer_drifts(mirrore
     assert spread > 0.1, (
         f"stock keras.layers.BatchNormalization (Keras {keras_version}) kept its {replicas} replicas' moving "
         f"means together (spread {spread:.2e}): the replica drift kerasbn.BatchNorm exists to fix seems to be "
-        "fixed upstream. Revisit this test and the README's claim."
+        "fixed upstream. Revisit this test and docs/guides/differences.md's claim."
     )
     _, _, moving_mean, moving_variance = _initial()
     stock = [(moving_mean.copy(), moving_variance.copy()) for _ in range(replicas)]
@@ -462,7 +462,7 @@ def test_cross_replica_calls_per_step(mirrored):
     # What is left in the step is the optimizer's one batched gradient all-reduce.
     assert unsync_total == {"all_reduce": 1, "all_gather": 0, "reduce_to": 0, "batch_reduce_to": 0}, unsync_total
     stock, _ = _per_layer(results, "stock_sync", "train")
-    assert sum(stock.values()) == 5, f"stock synchronized BN per layer: {stock} (the README quotes 5)"
+    assert sum(stock.values()) == 5, f"stock synchronized BN per layer: {stock} (docs/guides/distribution.md quotes 5)"
     for kind in ("kerasbn_sync", "kerasbn_unsync"):
         for layers in (1, 3):
             for name in ("all_reduce", "all_gather", "reduce_to", "batch_reduce_to"):

@@ -277,7 +277,7 @@ def test_saved_model_cli_run(exported, test_split, tmp_path):
     probabilities = _parse_cli_result(out, "probabilities").reshape(2, 10)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
 
-    # The README's form: a .npy file, here real test images with a channel axis, on the unfolded export.
+    # docs/guides/export.md's form: a .npy file, here real test images with a channel axis, on the unfolded export.
     images = data.load_arrays("test", limit=3)[0][..., None]
     np.save(tmp_path / "images.npy", images)
     out = _saved_model_cli(

@@ -215,7 +215,7 @@ PRODUCERS = [
     (lambda: keras.layers.Conv2D(5, 3, name="p"), (7, 7, 3), -1),
     (lambda: keras.layers.Conv3D(5, 2, name="p"), (4, 4, 4, 3), -1),
     # Not (3, 7, 7): Keras 3.15 (TF backend) adds a channels_first Conv2D's bias on the wrong axis when its
-    # output is (5, 5, 5) (see the README); the original and the folded layer would then disagree.
+    # output is (5, 5, 5) (see docs/guides/real-networks.md); the original and the folded layer would then disagree.
     (lambda: keras.layers.Conv2D(5, 3, data_format="channels_first", name="p"), (3, 8, 6), 1),
     (lambda: keras.layers.Conv2D(6, 3, groups=3, use_bias=False, name="p"), (7, 7, 3), -1),
     (lambda: keras.layers.Conv1DTranspose(5, 3, name="p"), (6, 3), -1),
