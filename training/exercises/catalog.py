@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from training.config import ConfigError, TrainConfig, flag_field
 
 
-# The tuning search's best learning rate without BN (README, "Tuning the learning rate").
+# The tuning search's best learning rate without BN (docs/guides/tuning.md).
 NO_BN_BEST_LR = 1.43
 LEARNING_RATES = (0.1, 1.0, 10.0)
 

@@ -89,7 +89,7 @@ def write_report(out: str, records: List[Dict]) -> None:
                 lines += ["", "Gradients reaching each bias (largest over seeds), on the first training batch:", ""]
                 lines += bias_table(with_bias)
         if key == "learning-rate":
-            lines += ["", "The largest usable rate: `python -m training.tune --compare-norms` (README, Tuning)."]
+            lines += ["", "The largest usable rate: `python -m training.tune --compare-norms` (docs/guides/tuning.md)."]
         if key == "other-norms" and step_file:
             times = step_file["ms_per_step"]
             reference = times.get("BatchNorm, recomputed statistics (recipe)")
