@@ -85,18 +85,22 @@ class BatchNorm(keras.layers.Layer):
         epsilon: Positive float added to the variance.
         center: If True, add the learned offset `beta`.
         scale: If True, multiply by the learned scale `gamma`.
-        beta_initializer, gamma_initializer, moving_mean_initializer,
-            moving_variance_initializer: Initializers (moving variance
-            starts at ones).
-        beta_regularizer, gamma_regularizer: Optional regularizers.
-        beta_constraint, gamma_constraint: Optional constraints.
+        beta_initializer: Initializer of `beta` (zeros).
+        gamma_initializer: Initializer of `gamma` (ones).
+        moving_mean_initializer: Initializer of the moving mean (zeros).
+        moving_variance_initializer: Initializer of the moving variance (ones).
+        beta_regularizer: Optional regularizer of `beta`.
+        gamma_regularizer: Optional regularizer of `gamma`.
+        beta_constraint: Optional constraint on `beta`.
+        gamma_constraint: Optional constraint on `gamma`.
         renorm: Use Batch Renormalization (Ioffe, 2017): train with the batch
             statistics corrected towards the moving ones by `(r, d)`.
         renorm_clipping: Dict with optional keys "rmax", "rmin", "dmax"
             clipping `r` to [rmin, rmax] and `d` to [-dmax, dmax].
         renorm_momentum: Momentum of the renorm statistics.
         synchronized: If True, compute batch statistics over the global batch
-            of all replicas (TensorFlow `tf.distribute`). On JAX, arrays
+            of all replicas (TensorFlow `tf.distribute`: one all-gather
+            forward, one all-reduce backward per layer). On JAX, arrays
             sharded by `keras.distribution` are global already.
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
