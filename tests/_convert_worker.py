@@ -135,10 +135,14 @@ def main(out_path: str) -> None:
             expected[r][0] = MOMENTUM * expected[r][0] + (1 - MOMENTUM) * mean
             expected[r][1] = MOMENTUM * expected[r][1] + (1 - MOMENTUM) * variance
 
+    # The handover (every replica's copies set to their mean), then what each replica reads: its own copy.
+    results["handed_over"] = kerasbn.sync_moving_statistics(model)
+
     @tf.function
     def replica_views():
         def view(_):
-            return [tf.stack(layer._moving_statistics()) for layer in layers]
+            return [tf.stack([tf.identity(v.value) for v in (layer.moving_mean, layer.moving_variance)])
+                    for layer in layers]
 
         return strategy.run(view, (tf.constant(0.0),))
 

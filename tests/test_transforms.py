@@ -748,6 +748,7 @@ def test_convert_inside_mirrored_strategy_scope(tmp_path):
     assert results["distributed"]
     views = results["replica_views"]
     assert len(views[0]) == results["num_batch_norms"] == 3
+    assert results["handed_over"] == 3  # sync_moving_statistics: every layer's copies set to their mean
     np.testing.assert_array_equal(np.asarray(views[0]), np.asarray(views[1]))  # replicas normalize alike
     np.testing.assert_allclose(np.asarray(views[0]), np.asarray(results["cross_replica"]), rtol=1e-6)
     # The first layer: the mean over replicas of each replica's own moving average.
