@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
+# The tests of the backend-agnostic core (keras.ops math, the layer, transforms, callbacks): `make test`
+# runs them under TensorFlow with the rest, then again under each other backend.
+BACKEND_TESTS := tests/test_ops.py tests/test_layer.py tests/test_transforms.py tests/test_experimental.py tests/test_callbacks.py
 
 .PHONY: train test test-slow bench tune exercises export docs data clean
 
@@ -33,7 +36,7 @@ train: $(STAMP) data
 test: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
 	@# The layers' math is keras.ops: their tests run under JAX too (exit 5: ARGS selected none of them).
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" tests/test_ops.py tests/test_layer.py tests/test_transforms.py tests/test_experimental.py tests/test_callbacks.py $(ARGS) || [ $$? -eq 5 ]
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" $(BACKEND_TESTS) $(ARGS) || [ $$? -eq 5 ]
 
 test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow tests $(ARGS)

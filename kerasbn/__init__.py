@@ -7,7 +7,9 @@
 from kerasbn import experimental  # registers DecorrelatedBatchNorm, so a saved one loads after `import kerasbn`
 from kerasbn.affine import Affine
 from kerasbn import callbacks
-from kerasbn.distributed import count_cross_replica_calls, cross_replica_moments, sync_moving_statistics
+from kerasbn.diagnostics import count_cross_replica_calls
+from kerasbn.distributed import sync_moving_statistics
+from kerasbn.replicas import cross_replica_moments
 from kerasbn.transforms import FoldReport, convert, fold
 from kerasbn.layer import BatchNorm
 from kerasbn.ops import fold_affine, fold_into_kernel, moments, normalize

@@ -4,7 +4,7 @@ The layer creates the weights, picks which statistics to normalize with
 (batch or moving), and updates the moving averages. The formulas live in
 `kerasbn/ops.py`, the choice of path (fused kernel, widened view, generic
 math) in `kerasbn/plan.py`; the TensorFlow-only pieces (fused kernel,
-cross-replica all-reduce) in `kerasbn/fused.py` and `kerasbn/distributed.py`,
+cross-replica statistics) in `kerasbn/fused.py` and `kerasbn/replicas.py`,
 reached only on the TensorFlow backend.
 """
 
@@ -20,7 +20,7 @@ from keras import constraints, initializers, ops, regularizers
 from kerasbn import ops as bn_ops
 from kerasbn import plan as path_plan
 from kerasbn.backend import device_type, is_tensorflow, require_tensorflow, tensorflow
-from kerasbn.distributed import cross_replica_moments, moving_statistics_aggregation, replica_context
+from kerasbn.replicas import cross_replica_moments, moving_statistics_aggregation, replica_context
 from kerasbn.fused import fused_affine_nhwc, fused_batch_norm_training
 from kerasbn.plan import FUSED_DTYPES, Plan
 from kerasbn.validation import (

@@ -18,7 +18,7 @@ from keras_tuner.src import config as kt_config
 
 from training import artifacts, models
 from training.config import TrainConfig
-from training.tune import BATCH_SIZES, BN_MOMENTA, OBJECTIVE, RECORD_FILE, TuneConfig
+from training.tune_config import BATCH_SIZES, BN_MOMENTA, OBJECTIVE, RECORD_FILE, TuneConfig
 
 # keras-tuner 1.4 prints the traceback of every failed trial while this is
 # True; RecordingTuner prints crashes' tracebacks itself and divergence as one line.

@@ -1,0 +1,103 @@
+"""Diagnostics: counting what a step asks of the other replicas (TensorFlow backend).
+
+`count_cross_replica_calls` checks the distribution contract
+(`kerasbn/distributed.py`) from outside: it wraps `tf.distribute`'s
+collective methods while a block runs and counts the calls. It is a
+diagnostic for tests and benchmarks, not something a training step needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Dict, Iterator
+
+from kerasbn.backend import require_tensorflow, tensorflow
+
+
+_REPLICA_CALLS = ("all_reduce", "all_gather")  # ReplicaContext: one replica asking the others
+_STRATEGY_CALLS = ("reduce_to", "batch_reduce_to")  # StrategyExtended: aggregated writes, cross-replica reads
+
+
+class _CallCounter:
+    """The bookkeeping of `count_cross_replica_calls`: outermost calls, per replica thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.replica_calls_in_flight = 0
+        self.per_thread: Dict[int, Dict[str, int]] = {}
+        self.strategy_calls = {name: 0 for name in _STRATEGY_CALLS}
+
+    def wrap(self, name, method, replica_level):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            depth = getattr(self.local, "depth", 0)
+            with self.lock:
+                if depth == 0 and replica_level:
+                    calls = self.per_thread.setdefault(threading.get_ident(), {})
+                    calls[name] = calls.get(name, 0) + 1
+                    self.replica_calls_in_flight += 1
+                elif depth == 0 and not self.replica_calls_in_flight:
+                    # Not the merge step of a replica's all-reduce (MirroredStrategy
+                    # runs that on another thread while the replicas wait).
+                    self.strategy_calls[name] += 1
+            self.local.depth = depth + 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.local.depth = depth
+                if depth == 0 and replica_level:
+                    with self.lock:
+                        self.replica_calls_in_flight -= 1
+
+        return wrapper
+
+    def totals(self) -> Dict[str, int]:
+        totals = {name: max((calls.get(name, 0) for calls in self.per_thread.values()), default=0)
+                  for name in _REPLICA_CALLS}
+        totals.update(self.strategy_calls)
+        return totals
+
+
+@contextlib.contextmanager
+def count_cross_replica_calls() -> Iterator[Dict[str, int]]:
+    """Counts the cross-replica calls one replica makes while the block runs (or traces).
+
+    Counts, per replica, the outermost calls of `ReplicaContext.all_reduce`
+    and `all_gather` (a replica asking the others; the most any one replica
+    made), and the strategy's `reduce_to` / `batch_reduce_to` made outside
+    those (an aggregated variable write, a cross-replica read or reduction).
+    A call made inside another counted one is part of it. Count a
+    `tf.function` step by tracing it inside the block (e.g.
+    `step.get_concrete_function(...)`): tracing runs the Python once per
+    replica, and backward calls are made while the gradient is traced.
+
+    Yields:
+        A dict `{"all_reduce": n, "all_gather": n, "reduce_to": n,
+        "batch_reduce_to": n}`, filled when the block exits.
+
+    Raises:
+        ValueError: on a Keras backend other than TensorFlow.
+    """
+    require_tensorflow("`count_cross_replica_calls` (tf.distribute)")
+    tf = tensorflow()
+    counter = _CallCounter()
+    patched = [(tf.distribute.ReplicaContext, name, True) for name in _REPLICA_CALLS]
+    patched += [(tf.distribute.StrategyExtended, name, False) for name in _STRATEGY_CALLS]
+    originals = []
+    counts: Dict[str, int] = {}
+    try:
+        for owner, name, replica_level in patched:
+            method = getattr(owner, name)
+            originals.append((owner, name, owner.__dict__.get(name)))
+            setattr(owner, name, counter.wrap(name, method, replica_level))
+        yield counts
+    finally:
+        for owner, name, original in originals:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        counts.update(counter.totals())
