@@ -38,7 +38,7 @@ def test_counts_outermost_calls_once_per_replica_and_restores_the_methods():
     with kerasbn.count_cross_replica_calls() as counts:
         step(tf.ones([2]))  # traced already: no Python runs, nothing is counted
     assert sum(counts.values()) == 0
-    assert "wrapper" not in tf.distribute.ReplicaContext.all_reduce.__qualname__
+    assert tf.distribute.ReplicaContext.all_reduce is tf.distribute.ReplicaContext.__mro__[1].all_reduce
     assert "all_reduce" not in tf.distribute.ReplicaContext.__dict__  # the inherited method is back
 
 
@@ -48,3 +48,35 @@ def test_sync_moving_statistics_without_a_strategy_does_nothing_and_checks_its_t
     with pytest.raises(ValueError, match=r"`timeout_seconds` must be a non-negative number or None. "
                                          r"Received: timeout_seconds=-1"):
         kerasbn.sync_moving_statistics(model, timeout_seconds=-1)
+
+
+def test_blocks_that_overlap_in_two_threads_restore_the_methods_whatever_the_order():
+    """Two counting blocks open in two threads and closed in the order they opened (not nested)."""
+    import threading
+
+    original = tf.distribute.ReplicaContext.all_reduce
+    first_open, second_open, first_closed = threading.Event(), threading.Event(), threading.Event()
+    still_wrapped = []
+
+    def first():
+        with kerasbn.count_cross_replica_calls():
+            first_open.set()
+            second_open.wait(10)
+        first_closed.set()
+
+    def second():
+        first_open.wait(10)
+        with kerasbn.count_cross_replica_calls():
+            second_open.set()
+            first_closed.wait(10)
+            # The first block closed: the second still counts.
+            still_wrapped.append(tf.distribute.ReplicaContext.all_reduce is not original)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert still_wrapped == [True]
+    assert tf.distribute.ReplicaContext.all_reduce is original
+    assert "all_reduce" not in tf.distribute.ReplicaContext.__dict__
