@@ -116,7 +116,8 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
         kerasbn.BatchNorm without renorm).
 
     Raises:
-        ValueError: for a negative `timeout_seconds`.
+        ValueError: for a negative `timeout_seconds`, or a model built outside
+            the scope of the multi-replica strategy it is synchronized under.
         RuntimeError: inside `strategy.run`, or when the other workers did not
             join within `timeout_seconds`.
     """
@@ -128,10 +129,21 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
     if not is_tensorflow():
         return 0
     variables = per_replica_statistics(model)
-    strategy = strategy or _variable_strategy(variables)
+    tf = tensorflow()
+    owner = _variable_strategy(variables)
+    if strategy is None and owner is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()  # the scope the call is made in
+    if variables and owner is None and strategy is not None and strategy.num_replicas_in_sync > 1:
+        # Each replica would update the one shared variable in turn: a race, not a moving average.
+        raise ValueError(
+            "`model` was built outside `strategy.scope()`: its moving statistics are plain variables "
+            "that every replica of the strategy would write in turn. Build (or load) the model inside "
+            f"`with strategy.scope():`. Received: model={getattr(model, 'name', model)!r}, {strategy!r} "
+            f"with {strategy.num_replicas_in_sync} replicas"
+        )
+    strategy = strategy or owner
     if not variables or strategy is None or strategy.num_replicas_in_sync <= 1:
         return 0
-    tf = tensorflow()
     if replica_context() is not None:
         raise RuntimeError(
             "`sync_moving_statistics` must be called outside `strategy.run` (in cross-replica "

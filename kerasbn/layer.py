@@ -20,7 +20,7 @@ from keras import constraints, initializers, ops, regularizers
 from kerasbn import ops as bn_ops
 from kerasbn import plan as path_plan
 from kerasbn.backend import device_type, is_tensorflow, require_tensorflow, tensorflow
-from kerasbn.replicas import cross_replica_moments, moving_statistics_aggregation, replica_context
+from kerasbn.replicas import check_distributed, cross_replica_moments, moving_statistics_aggregation, replica_context
 from kerasbn.fused import fused_affine_nhwc, fused_batch_norm_training
 from kerasbn.plan import FUSED_DTYPES, Plan
 from kerasbn.validation import (
@@ -442,6 +442,8 @@ class BatchNorm(keras.layers.Layer):
         replicas' updates. (With renorm, whose statistics are averaged as they
         are written, every replica still assigns, so the collective matches.)
         """
+
+        check_distributed(self.moving_mean, self.name)
 
         def update(variable, value, momentum=None):
             if fresh is not True:

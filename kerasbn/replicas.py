@@ -39,6 +39,26 @@ def replica_context():
     return context
 
 
+def check_distributed(variable, layer_name: str) -> None:
+    """Raises where a replica is about to update a variable that every replica shares.
+
+    A model built outside `strategy.scope()` and run in `strategy.run` has
+    plain variables: every replica would assign the same moving statistic in
+    turn, a race whose result depends on the order the replicas ran.
+    """
+    context = replica_context()
+    if context is None:
+        return
+    if not isinstance(getattr(variable, "value", variable), tensorflow().distribute.DistributedValues):
+        raise ValueError(
+            f"Layer {layer_name!r} runs in a replica of {context.strategy!r} "
+            f"({context.num_replicas_in_sync} replicas), but its variables were made outside "
+            "`strategy.scope()`: every replica would write the same moving statistics in turn. "
+            "Build (or load) the model inside `with strategy.scope():`. "
+            f"Received: variable {getattr(variable, 'path', getattr(variable, 'name', variable))!r}"
+        )
+
+
 def moving_statistics_aggregation() -> str:
     """How a read outside replicas combines the per-replica copies of a moving statistic.
 

@@ -80,3 +80,42 @@ def test_blocks_that_overlap_in_two_threads_restore_the_methods_whatever_the_ord
     assert still_wrapped == [True]
     assert tf.distribute.ReplicaContext.all_reduce is original
     assert "all_reduce" not in tf.distribute.ReplicaContext.__dict__
+
+
+def test_a_model_built_outside_the_strategy_scope_is_an_error_not_a_race(run_python):
+    """Replicas would write one plain variable in turn: the layer and the handover both say so."""
+    result = run_python(
+        """
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, kerasbn
+        strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+        model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm(name="bn")])  # no scope
+        step = tf.function(lambda x: strategy.run(lambda x: model(x, training=True), args=(x,)))
+        try:
+            step(tf.ones([4, 3]))
+        except ValueError as error:
+            print("LAYER:", " ".join(str(error).split()))
+        for label, call in (("EXPLICIT", lambda: kerasbn.sync_moving_statistics(model, strategy=strategy)),
+                            ("SCOPE", None)):
+            try:
+                if call is None:
+                    with strategy.scope():
+                        kerasbn.sync_moving_statistics(model)
+                else:
+                    call()
+            except ValueError as error:
+                print(label + ":", " ".join(str(error).split()))
+        with strategy.scope():
+            inside = keras.Sequential([keras.Input((3,)), kerasbn.BatchNorm()])
+        tf.function(lambda x: strategy.run(lambda x: inside(x, training=True), args=(x,)))(tf.ones([4, 3]))
+        print("INSIDE:", kerasbn.sync_moving_statistics(inside))
+        """,
+        timeout=300,
+    )
+    lines = {line.split(":", 1)[0]: line for line in result.stdout.splitlines() if ":" in line}
+    assert "Layer 'bn' runs in a replica" in lines["LAYER"] and "outside `strategy.scope()`" in lines["LAYER"]
+    assert "with 2 replicas" in lines["EXPLICIT"] and "built outside `strategy.scope()`" in lines["EXPLICIT"]
+    assert "Received: model=" in lines["SCOPE"]
+    assert lines["INSIDE"] == "INSIDE: 1"
