@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import keras
 from keras.src.utils import io_utils
 
-from kerasbn.distributed import DEFAULT_TIMEOUT_SECONDS, sync_moving_statistics
+from kerasbn.distributed import sync_moving_statistics
 from kerasbn.statistics import batch_norm_layers, recompute_statistics
 
 
@@ -45,7 +45,8 @@ class SyncMovingStatistics(keras.callbacks.Callback):
     worker makes the call, as a collective needs.
 
     Args:
-        timeout_seconds: Passed to `sync_moving_statistics`.
+        timeout_seconds: Passed to `sync_moving_statistics`; None (the default)
+            waits for the other workers as long as they take.
 
     Example:
 
@@ -56,7 +57,7 @@ class SyncMovingStatistics(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, timeout_seconds: Optional[float] = DEFAULT_TIMEOUT_SECONDS):
+    def __init__(self, timeout_seconds: Optional[float] = None):
         super().__init__()
         self.timeout_seconds = timeout_seconds
 

@@ -26,9 +26,9 @@ handover at epoch end, test begin, predict begin and train end.
 Which calls every worker must make: under `MultiWorkerMirroredStrategy` a
 collective needs every worker, so `sync_moving_statistics` (and anything that
 steps the model under `strategy.run`) must run on every worker; a worker left
-alone raises within `timeout_seconds` instead of waiting forever. Reads and
-saves never are collectives here, so `if chief: model.save(...)` returns at
-once.
+alone raises within `timeout_seconds`, when one is given, instead of waiting
+forever. Reads and saves never are collectives here, so
+`if chief: model.save(...)` returns at once.
 
 Where the code lives, each module importing only those below it:
 `kerasbn/replicas.py` holds the per-layer primitives the layer calls inside a
@@ -50,9 +50,6 @@ from typing import Dict, Optional
 from kerasbn.backend import is_tensorflow, tensorflow
 from kerasbn.replicas import replica_context
 from kerasbn.statistics import batch_norm_layers
-
-DEFAULT_TIMEOUT_SECONDS = 30.0
-
 
 # --------------------------------------------------------------- the handover
 
@@ -84,7 +81,7 @@ def _variable_strategy(variables):
     return None
 
 
-def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float] = DEFAULT_TIMEOUT_SECONDS) -> int:
+def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float] = None) -> int:
     """Sets every replica's copy of the moving statistics to the cross-replica mean: the handover.
 
     During training each replica updates its own copy of every
@@ -98,17 +95,19 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
     batch statistics.
 
     Call it outside `strategy.run`, on every worker: it is a collective. Under
-    `MultiWorkerMirroredStrategy` a worker that calls it alone raises a
-    RuntimeError after `timeout_seconds` instead of waiting forever. (After
-    such a timeout TensorFlow's collectives of this process stay aborted: the
-    process must restart.)
+    `MultiWorkerMirroredStrategy` a worker that calls it alone waits for the
+    others; with `timeout_seconds` it raises a RuntimeError after that long
+    instead. The timeout is opt-in because a healthy worker may be late (a
+    chief writing a large checkpoint first), and after a timeout TensorFlow's
+    collectives of this process stay aborted: the process must restart.
 
     Args:
         model: A Keras model or layer holding `kerasbn.BatchNorm` layers.
         strategy: The strategy the model's variables were made under; None
             takes it from the variables.
         timeout_seconds: How long a worker waits for the others under
-            `MultiWorkerMirroredStrategy`; None or 0 waits forever.
+            `MultiWorkerMirroredStrategy`; None (the default) or 0 waits as
+            long as they take.
 
     Returns:
         The number of layers whose copies were averaged (0 where there is
