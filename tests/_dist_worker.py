@@ -222,13 +222,15 @@ def run_synchronized(strategy, seed, results, prefix="sync"):
     return model
 
 
-def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True):
+def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True, save_drifted=None):
     """Training-mode forward steps with synchronized=False, next to the stock layer.
 
     Records each replica's outputs, the moving statistics of every replica's
     copy (kerasbn and, if `with_stock`, keras.layers.BatchNormalization fed
     the same slices), and the outputs of a single-device kerasbn layer run on
-    each replica's slice. Returns the distributed kerasbn model (for saving).
+    each replica's slice. With `save_drifted` (a path), also what the model
+    saves before the handover, while the copies differ ("saved.drifted").
+    Returns the distributed kerasbn model (for saving).
     """
     import keras
     import tensorflow as tf
@@ -281,6 +283,8 @@ def run_unsynchronized(strategy, seed, results, prefix="unsync", with_stock=True
     # A read outside replicas before the handover, then the handover itself.
     for name in ("moving_mean", "moving_variance"):
         results[f"{prefix}.read_before_handover.{name}"] = np.asarray(getattr(layer, name).numpy())
+    if save_drifted:
+        record_saved_model(model, save_drifted, results, "saved.drifted")
     results[f"{prefix}.handover_layers"] = np.asarray(kerasbn.sync_moving_statistics(model))
     for name in ("moving_mean", "moving_variance"):
         for copy, value in enumerate(statistics_views(strategy, layer, name)):
@@ -587,7 +591,7 @@ def mirrored(args):
     }
     os.makedirs(args.workdir, exist_ok=True)
     sync_model = run_synchronized(strategy, args.seed, results)
-    unsync_model = run_unsynchronized(strategy, args.seed, results)
+    unsync_model = run_unsynchronized(strategy, args.seed, results, save_drifted=os.path.join(args.workdir, "drifted.keras"))
     record_saved_model(sync_model, os.path.join(args.workdir, "sync.keras"), results, "saved.sync")
     record_saved_model(unsync_model, os.path.join(args.workdir, "unsync.keras"), results, "saved.unsync")
     run_edges(strategy, args.seed, results)

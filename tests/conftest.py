@@ -6,11 +6,10 @@
   imports it.
 * Float64 NumPy references for batch normalization (`np_moments`,
   `np_batch_norm`, `np_batch_norm_grads`), used by several test files.
-* `run_python(code_or_args, env=..., timeout=...)`: run Python in a fresh
-  process (needed for anything that must configure TensorFlow before it
-  initialises, e.g. logical CPU devices for distribution tests). Use it as a
-  fixture (`def test_x(run_python): ...`) or import it
-  (`from conftest import run_python`).
+* `run_python`, as a fixture: run Python in a fresh process (needed for
+  anything that must configure TensorFlow before it initialises, e.g. logical
+  CPU devices for distribution tests). It and the other process helpers live
+  in `tests/_procs.py`; the layer tests' helpers in `tests/_layer_helpers.py`.
 
 The Keras backend is whatever `KERAS_BACKEND` says (TensorFlow by default);
 `tf_only` marks tests that need TensorFlow.
@@ -19,11 +18,9 @@ The Keras backend is whatever `KERAS_BACKEND` says (TensorFlow by default);
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,6 +32,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras  # noqa: E402
+from _procs import run_python  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -191,72 +189,7 @@ def np_batch_norm_grads(x, upstream, gamma, epsilon, axis, mask=None):
 # ------------------------------------------------------ fresh processes
 
 
-def run_python(
-    code_or_args: Union[str, Sequence[str]],
-    env: Optional[Mapping[str, Optional[str]]] = None,
-    timeout: float = 600,
-    check: bool = True,
-    cwd: Union[str, Path, None] = None,
-) -> subprocess.CompletedProcess:
-    """Runs Python in a fresh process, with the repository importable.
-
-    Args:
-        code_or_args: A string of Python source (dedented, run with `-c`), or a
-            list of arguments for the interpreter (e.g. `["-m", "training.train", "--epochs", "1"]`).
-        env: Variables to set on top of the current environment; a value of
-            None removes the variable (e.g. `{"KERAS_BACKEND": None}`).
-            `PYTHONPATH` gets the repository root prepended and
-            `TF_CPP_MIN_LOG_LEVEL` defaults to 2.
-        timeout: Seconds before the process is killed (the test then fails).
-        check: Fail the calling test, showing the output's tail, when the
-            process exits non-zero.
-        cwd: Working directory (default: the repository root).
-
-    Returns:
-        The `subprocess.CompletedProcess`, with `stdout` and `stderr` as text.
-    """
-    if isinstance(code_or_args, str):
-        args = ["-c", textwrap.dedent(code_or_args)]
-    else:
-        args = [str(a) for a in code_or_args]
-    full_env = dict(os.environ)
-    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    for key, value in (env or {}).items():
-        if value is None:
-            full_env.pop(key, None)
-        else:
-            full_env[key] = str(value)
-    try:
-        result = subprocess.run(
-            [sys.executable, *args],
-            env=full_env,
-            cwd=str(cwd or REPO_ROOT),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"subprocess timed out after {timeout}s: {args[:2]}\n{_tail(error.stdout)}\n{_tail(error.stderr)}")
-    if check and result.returncode != 0:
-        pytest.fail(
-            f"subprocess exited with {result.returncode}: {args[:2]}\n"
-            f"--- stdout ---\n{_tail(result.stdout)}\n--- stderr ---\n{_tail(result.stderr)}"
-        )
-    return result
-
-
-def _tail(text, limit: int = 4000) -> str:
-    if text is None:
-        return ""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return text[-limit:]
-
-
 @pytest.fixture(name="run_python")
 def _run_python_fixture():
-    """The `run_python` helper, as a fixture."""
+    """`_procs.run_python`, as a fixture."""
     return run_python

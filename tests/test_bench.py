@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _procs import run_python
 from bench import floor, report
 from bench.suites import BenchConfig, SuiteResult, measurement, resolve, skipped
 from bench.timing import Candidate, summarize, time_interleaved
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TENSORFLOW = {"KERAS_BACKEND": "tensorflow"}  # the benchmark measures TensorFlow whatever the tests run on
 IMPLEMENTATIONS = ("kerasbn", "kerasbn_fused", "kerasbn_generic", "keras", "scratch", "tf_fused_kernel")
 EXPORT_IMPLEMENTATIONS = ("savedmodel_folded", "savedmodel_unfolded", "keras")
 REQUIRED_FIELDS = (
@@ -38,16 +35,7 @@ REQUIRED_FIELDS = (
 def quick_run(tmp_path_factory):
     """Runs `python -m bench --quick --out <tmp>` once; returns (completed process, out folder)."""
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = run_python(["-m", "bench", "--quick", "--out", out], env=TENSORFLOW, timeout=600, check=False)
     return completed, out
 
 
@@ -172,7 +160,9 @@ def test_quick_run_export_suite_records(quick_run, quick_records):
         assert unfolded[batch]["batch_norm_ops"].get("Rsqrt", 0) >= 4
     # The goal is evaluated from these records, and the report tables them.
     (goal,) = report.goal_export(quick_records)
-    assert goal.status in ("met", "missed")
+    speedup = unfolded[256]["median_s"] / folded[256]["median_s"]
+    assert f">= {report.EXPORT_GOAL_THROUGHPUT:g}x" in goal.goal
+    assert goal.status == ("met" if speedup >= report.EXPORT_GOAL_THROUGHPUT else "missed"), (speedup, goal)
     assert goal.detail.startswith(
         f"folded {unfolded[256]['median_s'] / folded[256]['median_s']:.2f}x the throughput of unfolded at batch 256"
     )
@@ -195,6 +185,7 @@ def test_quick_run_models_suite_has_both_replica_counts(quick_records):
 # ------------------------------------------------------------------ pieces
 
 
+@pytest.mark.slow
 def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
     from bench.training_worker import run_worker
 
@@ -222,7 +213,10 @@ def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
     for stock in ("mobilenetv2/train/1dev/stock", "mobilenetv2/infer/1dev/stock"):
         assert by_name[stock]["ratio_to_keras"] == 1.0 and by_name[stock]["bn_share"] == 1.0
     goals = {g.goal: g for g in report.goal_models(records)}
-    assert goals["kerasbn.convert train step <= 0.55x stock: mobilenetv2, 1 device"].status in ("met", "missed")
+    goal = goals["kerasbn.convert train step <= 0.55x stock: mobilenetv2, 1 device"]
+    ratio = by_name["mobilenetv2/train/1dev/kerasbn.convert"]["median_s"] / by_name["mobilenetv2/train/1dev/stock"]["median_s"]
+    assert goal.status == ("met" if ratio <= 0.55 else "missed"), (ratio, goal)
+    assert goal.detail.startswith(f"worst {ratio:.2f}"), (ratio, goal)
     assert goals["kerasbn.convert train step <= 0.78x stock: resnet50, 1 device"].status == "not evaluated"
     assert "| mobilenetv2 | inference | 1 |" in "\n".join(report.models_table(records))
 
@@ -265,13 +259,10 @@ def test_models_goals_and_bn_share_from_made_up_records():
     assert "| resnet50 | train_step | 2 | 2000 | kerasbn.convert 0.90x | - | - | - | 2000-2000 |" in table
 
 
+@pytest.mark.slow
 def test_distributed_suite_at_a_tiny_size_counts_calls_and_ratios(tmp_path):
     """`python -m bench --quick --suite distributed`: a two-conv network at 32x32, 2 repetitions."""
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "bench", "--quick", "--suite", "distributed", "--out", str(tmp_path)]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    run_python(["-m", "bench", "--quick", "--suite", "distributed", "--out", tmp_path], env=TENSORFLOW, timeout=900)
     records = json.loads((tmp_path / "latest.json").read_text())
     found = {r["implementation"]: r for r in records if r["record"] == "measurement"}
     kinds = ("mirrored", "multiworker")
@@ -291,8 +282,21 @@ def test_distributed_suite_at_a_tiny_size_counts_calls_and_ratios(tmp_path):
         assert found[f"{kind}/train_step/kerasbn"]["calls_per_batch_norm"] == 0
         assert found[f"{kind}/train_step/kerasbn"]["calls_without_batch_norm"] > 0  # the gradients' all-reduce
     assert found["kerasbn/batch 256"]["ratio_to_keras"] == 1.0
-    goals = {g.goal: g for g in report.goal_distributed(records)}
-    assert len(goals) == 4 and all(g.status in ("met", "missed") for g in goals.values()), goals
+    # The four goals' statuses, recomputed from the records: calls per synchronized layer <= 2; on the
+    # workers, what synchronizing adds to kerasbn's step <= 1/2 of what it adds to stock's; inference no
+    # slower than stock's and without a cross-replica call; the unknown batch <= 1.05x the known one.
+    train = {kind: {v: found[f"{kind}/train_step/{v}"] for v in ("stock_sync", "kerasbn_sync", "kerasbn")} for kind in kinds}
+    infer = [(found[f"{kind}/inference/kerasbn"], found[f"{kind}/inference/stock"]) for kind in kinds]
+    workers = train["multiworker"]
+    stock_adds, ours_adds = (workers[v]["median_s"] - workers["kerasbn"]["median_s"] for v in ("stock_sync", "kerasbn_sync"))
+    expected = [
+        max(train[kind]["kerasbn_sync"]["calls_per_batch_norm"] for kind in kinds) <= 2,
+        stock_adds > 0 and ours_adds <= stock_adds / 2,
+        all(ours["median_s"] <= stock["median_s"] and ours["cross_replica_calls"] == 0 for ours, stock in infer),
+        found["kerasbn/batch None"]["median_s"] / found["kerasbn/batch 256"]["median_s"] <= 1.05,
+    ]
+    goals = report.goal_distributed(records)
+    assert [g.status for g in goals] == ["met" if met else "missed" for met in expected], goals
     assert "| MultiWorkerMirroredStrategy | train_step | kerasbn_sync |" in (tmp_path / "latest.md").read_text()
 
 

@@ -14,7 +14,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import np_moments, run_python, tf_only
+from _procs import run_python
+from conftest import np_moments, tf_only
 
 import keras
 

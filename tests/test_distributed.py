@@ -10,26 +10,22 @@ The worker saves arrays to an `.npz` file; the assertions live here, against
 a single-device layer run in the worker and float64 NumPy closed forms
 computed here.
 
-This file needs nothing from conftest.py and does not import TensorFlow
-itself (the workers use the TensorFlow backend whatever `KERAS_BACKEND` says).
+This file needs nothing from conftest.py (processes: `tests/_procs.py`) and does not
+import TensorFlow itself (the workers use the TensorFlow backend whatever `KERAS_BACKEND` says).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import WORKER_ENV, kill_group, logs, run_python, start_python, tf_configs
 
 TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 WORKER = TESTS_DIR / "_dist_worker.py"
 SEED = 1234
 WORKER_TIMEOUT_S = 300  # a MirroredStrategy process takes ~15 s on an idle 2-core machine
@@ -59,22 +55,8 @@ CLOSED_FORM_TOL = dict(rtol=1e-5, atol=1e-5)
 # ------------------------------------------------------------------ running workers
 
 
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["KERAS_BACKEND"] = "tensorflow"  # tf.distribute is TensorFlow's, even in a JAX test run
-    env["CUDA_VISIBLE_DEVICES"] = "-1"  # logical CPU replicas, also on a machine with a GPU
-    env.pop("TF_CONFIG", None)
-    return env
-
-
-def _tail(text, limit: int = 6000) -> str:
-    if text is None:
-        return ""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return text[-limit:]
+# tf.distribute is TensorFlow's, even in a JAX test run.
+DIST_ENV = {**WORKER_ENV, "KERAS_BACKEND": "tensorflow"}
 
 
 def _load(path: Path) -> dict:
@@ -88,18 +70,8 @@ def mirrored(request, tmp_path_factory):
     replicas = request.param
     workdir = tmp_path_factory.mktemp(f"mirrored{replicas}")
     out = workdir / "results.npz"
-    args = [sys.executable, str(WORKER), "mirrored", "--replicas", str(replicas), "--seed", str(SEED)]
-    args += ["--out", str(out), "--workdir", str(workdir)]
-    try:
-        proc = subprocess.run(
-            args, env=_worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired as error:  # subprocess.run has killed it
-        pytest.fail(f"MirroredStrategy worker ({replicas} replicas) timed out after {WORKER_TIMEOUT_S}s\n"
-                    f"{_tail(error.stdout)}\n{_tail(error.stderr)}")
-    if proc.returncode != 0:
-        pytest.fail(f"MirroredStrategy worker ({replicas} replicas) exited with {proc.returncode}\n"
-                    f"--- stdout ---\n{_tail(proc.stdout)}\n--- stderr ---\n{_tail(proc.stderr)}")
+    args = [WORKER, "mirrored", "--replicas", replicas, "--seed", SEED, "--out", out, "--workdir", workdir]
+    proc = run_python(args, env=DIST_ENV, timeout=WORKER_TIMEOUT_S)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"], summary
     results = _load(out)
@@ -310,16 +282,27 @@ def test_unsynchronized_moving_statistics_agree_where_stock_layer_drifts(mirrore
 
 
 def test_saved_model_holds_agreed_moving_statistics(mirrored):
-    """get_weights() and a reloaded .keras file hold the statistics every replica agrees on."""
+    """get_weights() and a reloaded .keras file hold the mean of the replicas' copies, not replica 0's.
+
+    Saved before the handover, while the copies differ, and after it, when
+    every copy holds that mean.
+    """
     replicas, results = mirrored
     sync_mean, sync_variance, sync_gamma, sync_beta = check_synchronized(results, replicas)
     unsync_mean, unsync_variance = check_unsynchronized(results, replicas)
+    last = len(worker.SPLITS[replicas]) - 1
+    for source in ("get_weights", "reloaded"):
+        for name, mean in (("moving_mean", unsync_mean), ("moving_variance", unsync_variance)):
+            saved = results[f"saved.drifted.{source}.{name}"]
+            np.testing.assert_allclose(saved, mean, **CLOSED_FORM_TOL, err_msg=f"drifted {source} {name}")
+            replica0 = results[f"unsync.s{last}.copy0.{name}"]
+            assert np.max(np.abs(saved - replica0)) > 1e-2, (f"drifted {source} {name}: the saved value is "
+                                                             f"replica 0's copy {replica0}, not the mean {mean}")
     gamma, beta, _, _ = _initial()
     expected = {
         "sync": dict(moving_mean=sync_mean, moving_variance=sync_variance, gamma=sync_gamma, beta=sync_beta),
         "unsync": dict(moving_mean=unsync_mean, moving_variance=unsync_variance, gamma=gamma, beta=beta),
     }
-    last = len(worker.SPLITS[replicas]) - 1
     for scenario, weights in expected.items():
         for source in ("get_weights", "reloaded"):
             for name, value in weights.items():
@@ -519,19 +502,6 @@ def test_synchronized_masked_mixed_precision_against_float64(mirrored):
 # ----------------------------------------------------- MultiWorkerMirroredStrategy
 
 
-def _free_ports(count: int) -> list:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 CHIEF_ALONE_IDLE_S = 40  # how long the second worker stays alive, idle, while the chief works alone
 
 
@@ -545,36 +515,20 @@ def test_multi_worker_mirrored_strategy(tmp_path):
     within its 5 s timeout instead of hanging.
     """
     workers = 2
-    addresses = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
-    processes, logs = [], []
+    processes = []
     try:
-        for index in range(workers):
-            env = _worker_env()
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-            )
-            log = open(tmp_path / f"worker{index}.log", "wb")
-            logs.append(log)
-            # TensorFlow catches SIGTERM; -k sends SIGKILL 5 s later.
-            command = ["timeout", "-k", "5", "180", sys.executable, str(WORKER), "multi-worker"]
-            command += ["--seed", str(SEED), "--out", str(tmp_path / f"worker{index}.npz")]
-            command += ["--chief-alone", str(CHIEF_ALONE_IDLE_S)]
-            processes.append(
-                subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-            )
+        for index, config in enumerate(tf_configs(workers)):
+            args = [WORKER, "multi-worker", "--seed", SEED, "--out", tmp_path / f"worker{index}.npz"]
+            args += ["--chief-alone", CHIEF_ALONE_IDLE_S]
+            processes.append(start_python(args, tmp_path / f"worker{index}", env={**DIST_ENV, "TF_CONFIG": config},
+                                          timeout=180, merge_stderr=True))
         codes = [process.wait(timeout=200) for process in processes]
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-        for log in logs:
-            log.close()
+            kill_group(process)
     if any(codes):
-        output = "\n".join(
-            f"--- worker {i} (exit {code}) ---\n{_tail((tmp_path / f'worker{i}.log').read_bytes())}"
-            for i, code in enumerate(codes)
-        )
+        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{logs(tmp_path / f'worker{i}', 6000)}"
+                           for i, code in enumerate(codes))
         pytest.fail(f"MultiWorkerMirroredStrategy workers failed (124/137: timed out)\n{output}")
 
     per_worker = [_load(tmp_path / f"worker{i}.npz") for i in range(workers)]

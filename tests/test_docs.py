@@ -9,14 +9,11 @@ this also checks those.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from _procs import REPO_ROOT, run_python
 
 import kerasbn
 
@@ -29,11 +26,8 @@ needs_mkdocs = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     site_dir = tmp_path_factory.mktemp("site")
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
+    result = run_python(["-m", "mkdocs", "build", "--strict", "--site-dir", site_dir], env={"NO_MKDOCS_2_WARNING": "1"},
+                        timeout=300, check=False)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return site_dir
 

@@ -12,7 +12,7 @@ import importlib.util
 import re
 
 import pytest
-from conftest import REPO_ROOT, run_python
+from _procs import REPO_ROOT, run_python
 
 EXAMPLES = REPO_ROOT / "examples"
 HAS_TF = importlib.util.find_spec("tensorflow") is not None

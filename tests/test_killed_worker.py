@@ -43,7 +43,8 @@ import numpy as np
 import pytest
 
 from training.config import PEER_LOST_EXIT_CODE, run_cli
-from test_train import RESUMING, _kill_group, _logs, _popen, _tf_configs, needs_data
+from _procs import WORKER_ENV, kill_group, logs, start_python, tf_configs
+from test_train import RESUMING, needs_data
 
 # 2048 examples in global batches of 32: 64 steps per epoch (a few seconds).
 EPOCHS = 3
@@ -79,16 +80,16 @@ needs_timeout = pytest.mark.skipif(
 def _start(out: Path, configs: List[str], log_dir: Path) -> List[subprocess.Popen]:
     """Starts one worker per TF_CONFIG, all with the same command; logs in log_dir/worker-I.{out,err}."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {"CUDA_VISIBLE_DEVICES": "-1", "PYTHONUNBUFFERED": "1"}  # the progress shows when printed
+    env = {**WORKER_ENV, "PYTHONUNBUFFERED": "1"}  # the progress shows when printed
     return [
-        _popen([*COMMAND, "--out", str(out)], log_dir / f"worker-{index}", env={**env, "TF_CONFIG": config},
-               timeout=PROCESS_TIMEOUT)
+        start_python([*COMMAND, "--out", str(out)], log_dir / f"worker-{index}", env={**env, "TF_CONFIG": config},
+                     timeout=PROCESS_TIMEOUT)
         for index, config in enumerate(configs)
     ]
 
 
 def _all_logs(log_dir: Path) -> str:
-    return "\n".join(_logs(log_dir / f"worker-{index}") for index in range(WORKERS))
+    return "\n".join(logs(log_dir / f"worker-{index}") for index in range(WORKERS))
 
 
 def _run_to_the_end(out: Path, configs: List[str], log_dir: Path) -> float:
@@ -101,7 +102,7 @@ def _run_to_the_end(out: Path, configs: List[str], log_dir: Path) -> float:
             process.wait(timeout=PROCESS_TIMEOUT + 30)
     finally:
         for process in processes:
-            _kill_group(process)
+            kill_group(process)
     assert [p.returncode for p in processes] == [0] * WORKERS, _all_logs(log_dir)
     return time.monotonic() - began
 
@@ -134,7 +135,7 @@ def _latest_epoch(checkpoint_dir: Path) -> int:
 def uninterrupted(tmp_path_factory) -> Dict:
     """Run 3: the command on two workers, never killed."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    seconds = _run_to_the_end(tmp / "run", _tf_configs(WORKERS), tmp / "logs")
+    seconds = _run_to_the_end(tmp / "run", tf_configs(WORKERS), tmp / "logs")
     return {"out": tmp / "run", "seconds": seconds}
 
 
@@ -145,19 +146,19 @@ def uninterrupted(tmp_path_factory) -> Dict:
 def test_killed_worker_fails_fast_and_the_restart_ends_as_if_never_killed(tmp_path, uninterrupted, victim):
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
-    configs = _tf_configs(WORKERS)  # the restart reuses the cluster, ports included
+    configs = tf_configs(WORKERS)  # the restart reuses the cluster, ports included
     survivor = 1 - victim
 
     # Run 1: kill one worker in the middle of epoch 2.
-    logs = tmp_path / "killed"
+    log_dir = tmp_path / "killed"
     processes = []
     try:
-        processes = _start(out, configs, logs)
-        chief_stdout = logs / f"worker-{CHIEF}.out"
+        processes = _start(out, configs, log_dir)
+        chief_stdout = log_dir / f"worker-{CHIEF}.out"
         deadline = time.monotonic() + PROCESS_TIMEOUT
         while _step_of_epoch_2(chief_stdout.read_text()) < KILL_AFTER_STEP:
-            assert all(p.poll() is None for p in processes), f"a worker ended before epoch 2\n{_all_logs(logs)}"
-            assert time.monotonic() < deadline, f"no epoch 2 after {PROCESS_TIMEOUT} s\n{_all_logs(logs)}"
+            assert all(p.poll() is None for p in processes), f"a worker ended before epoch 2\n{_all_logs(log_dir)}"
+            assert time.monotonic() < deadline, f"no epoch 2 after {PROCESS_TIMEOUT} s\n{_all_logs(log_dir)}"
             time.sleep(0.02)
         assert (checkpoints / "ckpt-1.index").exists()
         os.killpg(processes[victim].pid, signal.SIGKILL)
@@ -166,25 +167,25 @@ def test_killed_worker_fails_fast_and_the_restart_ends_as_if_never_killed(tmp_pa
             processes[survivor].wait(timeout=SURVIVOR_EXIT_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"worker {survivor} still runs {SURVIVOR_EXIT_S} s after worker {victim} was killed\n"
-                        f"{_all_logs(logs)}")
+                        f"{_all_logs(log_dir)}")
         survivor_seconds = time.monotonic() - killed_at
     finally:
         for process in processes:
-            _kill_group(process)
+            kill_group(process)
     assert processes[victim].returncode == -signal.SIGKILL
-    assert processes[survivor].returncode == PEER_LOST_EXIT_CODE, _all_logs(logs)
-    stderr = (logs / f"worker-{survivor}.err").read_text()
+    assert processes[survivor].returncode == PEER_LOST_EXIT_CODE, _all_logs(log_dir)
+    stderr = (log_dir / f"worker-{survivor}.err").read_text()
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "a worker of the multi-worker cluster is gone" in errors[0], _all_logs(logs)
-    assert "Traceback" not in stderr, _all_logs(logs)
+    assert len(errors) == 1 and "a worker of the multi-worker cluster is gone" in errors[0], _all_logs(log_dir)
+    assert "Traceback" not in stderr, _all_logs(log_dir)
     # Killed mid-epoch: epoch 2 never reached its checkpoint.
     assert _latest_epoch(checkpoints) == 1, (checkpoints / "checkpoint").read_text()
     assert not (out / "summary.json").exists()
 
     # Run 2: the same command on the same cluster resumes from epoch 1.
-    logs = tmp_path / "restarted"
-    resumed_seconds = _run_to_the_end(out, configs, logs)
-    chief_stdout = (logs / f"worker-{CHIEF}.out").read_text()
+    log_dir = tmp_path / "restarted"
+    resumed_seconds = _run_to_the_end(out, configs, log_dir)
+    chief_stdout = (log_dir / f"worker-{CHIEF}.out").read_text()
     match = RESUMING.search(chief_stdout)
     assert match and int(match[1]) == 1 and Path(match[2]) == checkpoints, chief_stdout[-3000:]
     printed = [int(epoch) for epoch in re.findall(rf"^Epoch (\d+)/{EPOCHS}$", chief_stdout, flags=re.M)]

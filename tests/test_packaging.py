@@ -28,13 +28,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_python
+from _procs import REPO_ROOT, run_python
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 # The files the installed-package run takes from tests/: they import kerasbn,
 # keras, NumPy and pytest only (TensorFlow inside tests marked tf_only).
-LIBRARY_TESTS = ("conftest.py", "test_layer.py", "test_ops.py")
+LIBRARY_TESTS = ("conftest.py", "_procs.py", "_layer_helpers.py", "test_ops.py") + tuple(
+    sorted(path.name for path in (REPO_ROOT / "tests").glob("test_layer_*.py"))
+)
 INSTALL_TIMEOUT_S = 900
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs JAX installed (the dev extra)")
 
@@ -171,7 +173,7 @@ def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_onl
     report = tmp_path / "report.xml"
     run = subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", f"--junitxml={report}",
-         "--rootdir", tests, *(tests / name for name in LIBRARY_TESTS[1:])],
+         "--rootdir", tests, *(tests / name for name in LIBRARY_TESTS if name.startswith("test_"))],
         capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, cwd=tests, env={**env, "KERAS_BACKEND": "jax"},
     )
     assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-3000:]}"

@@ -26,9 +26,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_python
+from _procs import WORKER_ENV, kill_group, logs, run_python, start_python, tf_configs
 from training import data as fmnist
 from training.config import TrainConfig
 from training.train import HISTORY_COLUMNS
@@ -44,7 +42,7 @@ from training.train import HISTORY_COLUMNS
 RUN_TIMEOUT = 420  # seconds for one short run; ~10 s on a quiet 2-core machine, much more when it is busy
 HISTORY_KEYS = set(HISTORY_COLUMNS)
 # The env of every run: GPUs hidden (see the module docstring), no stray cluster config.
-RUN_ENV = {"CUDA_VISIBLE_DEVICES": "", "TF_CONFIG": None, "TF_CPP_MIN_LOG_LEVEL": "2"}
+RUN_ENV = WORKER_ENV
 
 FINAL_LINE = re.compile(
     r"^loss (?P<loss>\d+\.\d{3}), train acc (?P<train_acc>[01]\.\d{3}), test acc (?P<test_acc>[01]\.\d{3})"
@@ -86,44 +84,6 @@ def train(args: Sequence[str], timeout: float = RUN_TIMEOUT) -> subprocess.Compl
 
 def _explain(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
-
-
-def _popen(args: Sequence[str], log_prefix: Path, env: Optional[Dict[str, Optional[str]]] = None, timeout: float = RUN_TIMEOUT):
-    """Starts `timeout -k 5 T python ARGS` in its own process group, output to LOG.out/LOG.err."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    for key, value in {**RUN_ENV, **(env or {})}.items():
-        if value is None:
-            full_env.pop(key, None)
-        else:
-            full_env[key] = value
-    stdout = open(f"{log_prefix}.out", "w")
-    stderr = open(f"{log_prefix}.err", "w")
-    try:
-        process = subprocess.Popen(
-            ["timeout", "-k", "5", str(int(timeout)), sys.executable, *args],
-            cwd=REPO_ROOT, env=full_env, stdout=stdout, stderr=stderr, start_new_session=True,
-        )
-    finally:
-        stdout.close()
-        stderr.close()
-    return process
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILLs the process group `process` leads (timeout and its python child), then reaps it."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
-def _logs(log_prefix: Path) -> str:
-    out = Path(f"{log_prefix}.out").read_text(errors="replace")
-    err = Path(f"{log_prefix}.err").read_text(errors="replace")
-    return f"--- {log_prefix.name} stdout ---\n{out[-3000:]}\n--- {log_prefix.name} stderr ---\n{err[-3000:]}"
 
 
 @dataclasses.dataclass
@@ -376,44 +336,26 @@ def test_sync_bn_two_replicas_matches_one_replica(runs):
 # ------------------------------------------------------------ multi-worker
 
 
-def _free_ports(count: int) -> List[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _tf_configs(workers: int) -> List[str]:
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(workers)]}
-    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(workers)]
-
-
 def _run_workers(tmp_path: Path, worker_args, timeout: float = RUN_TIMEOUT) -> List[Tuple[int, Path]]:
     """Starts one process per entry of `worker_args` (python args) with its TF_CONFIG.
 
-    Returns `(exit status, log prefix)` per worker; see `_popen` for the logs.
+    Returns `(exit status, log prefix)` per worker; logs in LOG.out/LOG.err (`_procs.start_python`).
 
     Waits for all; kills every group still alive when anything goes wrong.
     """
-    configs = _tf_configs(len(worker_args))
+    configs = tf_configs(len(worker_args))
     processes, prefixes = [], []
     try:
         for index, (args, config) in enumerate(zip(worker_args, configs)):
             prefix = tmp_path / f"worker-{index}"
-            processes.append(_popen(args, prefix, env={"TF_CONFIG": config}, timeout=timeout))
+            processes.append(start_python(args, prefix, env={**RUN_ENV, "TF_CONFIG": config}, timeout=timeout))
             prefixes.append(prefix)
         deadline = time.monotonic() + timeout + 30
         for process in processes:
             process.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for process in processes:
-            _kill_group(process)
+            kill_group(process)
     return [(process.returncode, prefix) for process, prefix in zip(processes, prefixes)]
 
 
@@ -424,16 +366,16 @@ def test_multi_worker_two_processes_end_with_equal_weights(runs, tmp_path):
     flags = [*SHORT, "--strategy", "multi-worker", "--out", str(out), "--no-export", "--quiet"]
     worker_args = [["tests/_train_worker.py", str(tmp_path / f"weights-{i}.npz"), *flags] for i in range(2)]
     results = _run_workers(tmp_path, worker_args)
-    logs = "\n".join(_logs(prefix) for _, prefix in results)
-    assert [code for code, _ in results] == [0, 0], logs
+    output = "\n".join(logs(prefix) for _, prefix in results)
+    assert [code for code, _ in results] == [0, 0], output
     for _, prefix in results:
-        assert "Traceback" not in Path(f"{prefix}.err").read_text(), logs
+        assert "Traceback" not in Path(f"{prefix}.err").read_text(), output
 
     # Only the chief (worker 0) prints and writes artifacts.
     chief_out = Path(f"{results[0][1]}.out").read_text().strip().splitlines()
-    assert len(chief_out) == 1 and FINAL_LINE.match(chief_out[0]), logs
+    assert len(chief_out) == 1 and FINAL_LINE.match(chief_out[0]), output
     assert "on 2 replica(s)" in chief_out[0]
-    assert Path(f"{results[1][1]}.out").read_text().strip() == "", logs
+    assert Path(f"{results[1][1]}.out").read_text().strip() == "", output
     assert (out / "model.keras").is_file() and (out / "summary.json").is_file()
     assert {p.name for p in (out / "checkpoints").iterdir()} == {
         "checkpoint", "ckpt-1.index", "ckpt-1.data-00000-of-00001", "ckpt-2.index", "ckpt-2.data-00000-of-00001",
@@ -467,13 +409,13 @@ def test_multi_worker_batch_size_not_divisible(tmp_path):
     out = tmp_path / "run"
     flags = ["-m", "training.train", "--strategy", "multi-worker", "--batch-size", "255", "--out", str(out), "--quiet"]
     results = _run_workers(tmp_path, [flags, flags], timeout=240)
-    logs = "\n".join(_logs(prefix) for _, prefix in results)
+    output = "\n".join(logs(prefix) for _, prefix in results)
     for code, prefix in results:
-        assert code == 2, logs
+        assert code == 2, output
         stderr = Path(f"{prefix}.err").read_text()
-        assert "Traceback" not in stderr, logs
+        assert "Traceback" not in stderr, output
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, logs
+        assert len(errors) == 1, output
         assert "`--batch-size`" in errors[0] and "batch_size=255" in errors[0] and "2 workers" in errors[0], errors
     assert not out.exists(), "a refused run must not write a run folder"
 
@@ -490,14 +432,15 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     killed_out, straight_out = tmp_path / "killed", tmp_path / "straight"
     command = ["-m", "training.train", *RESUMABLE, "--out", str(killed_out)]
     # The uninterrupted reference runs alongside the run that gets killed.
-    straight = _popen(["-m", "training.train", *RESUMABLE, "--quiet", "--out", str(straight_out)], tmp_path / "straight")
-    victim = _popen(command, tmp_path / "killed")
+    straight = start_python(["-m", "training.train", *RESUMABLE, "--quiet", "--out", str(straight_out)],
+                            tmp_path / "straight", env=RUN_ENV, timeout=RUN_TIMEOUT)
+    victim = start_python(command, tmp_path / "killed", env=RUN_ENV, timeout=RUN_TIMEOUT)
     try:
         state = killed_out / "checkpoints" / "checkpoint"
         deadline = time.monotonic() + RUN_TIMEOUT
         while not state.exists():
-            assert victim.poll() is None, f"the run ended before its first checkpoint\n{_logs(tmp_path / 'killed')}"
-            assert time.monotonic() < deadline, f"no checkpoint after {RUN_TIMEOUT} s\n{_logs(tmp_path / 'killed')}"
+            assert victim.poll() is None, f"the run ended before its first checkpoint\n{logs(tmp_path / 'killed')}"
+            assert time.monotonic() < deadline, f"no checkpoint after {RUN_TIMEOUT} s\n{logs(tmp_path / 'killed')}"
             time.sleep(0.05)
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
@@ -507,10 +450,10 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
         resumed = run_python(command, env=RUN_ENV, timeout=RUN_TIMEOUT, check=False)
         assert resumed.returncode == 0, _explain(resumed)
         straight.wait(timeout=RUN_TIMEOUT + 30)
-        assert straight.returncode == 0, _logs(tmp_path / "straight")
+        assert straight.returncode == 0, logs(tmp_path / "straight")
     finally:
-        _kill_group(victim)
-        _kill_group(straight)
+        kill_group(victim)
+        kill_group(straight)
 
     stdout = resumed.stdout.replace("\r", "\n")
     match = RESUMING.search(stdout)

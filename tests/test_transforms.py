@@ -26,7 +26,8 @@ import keras
 
 import kerasbn
 from kerasbn.transforms import is_batch_norm
-from conftest import BACKEND, REPO_ROOT, run_python, tf_only, to_numpy
+from _procs import REPO_ROOT, run_python
+from conftest import BACKEND, tf_only, to_numpy
 
 FOLD_RTOL = 1e-5  # of the largest |output|; see the module docstring
 SAVE_TOL = 1e-6  # a reloaded model computes the same ops on the same weights

@@ -15,10 +15,7 @@ import csv
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -26,9 +23,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
+from _procs import free_ports, kill_group, run_python, start_python
 from training import tune
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tiny searches: 1,024 examples, batch 64 (13 steps per epoch) and BN momentum
 # 0.5, so the moving statistics settle within one epoch and scores differ.
 TINY = [
@@ -52,12 +49,9 @@ def fashion_mnist():
         pytest.skip(f"Fashion-MNIST is not available: {error}")
 
 
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.update(extra or {})
-    return env
+def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, Optional[str]]:
+    """No keras-tuner cluster variables from the caller's shell; `extra` on top."""
+    return {**{k: None for k in os.environ if k.startswith("KERASTUNER_")}, **(extra or {})}
 
 
 class Search:
@@ -66,11 +60,9 @@ class Search:
     def __init__(self, args: List[str], cwd: Path, log_name: str, env: Optional[Dict[str, str]] = None, seconds: int = PROCESS_S):
         self.log = cwd / f"{log_name}.log"
         self.args = args
-        with open(self.log, "w") as handle:
-            self.popen = subprocess.Popen(
-                ["timeout", "-k", "5", str(seconds), sys.executable, "-m", "training.tune", *args],
-                cwd=cwd, env=_env(env), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        self.popen = start_python(
+            ["-m", "training.tune", *args], cwd / log_name, env=_env(env), timeout=seconds, cwd=cwd, merge_stderr=True
+        )
 
     @property
     def pid(self) -> int:
@@ -91,14 +83,7 @@ class Search:
 
     def kill(self) -> None:
         """SIGKILL to the whole group (`timeout` and Python), then reap."""
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.popen)
 
 
 def _finish(search: Search, expected_rc: int = 0) -> str:
@@ -141,12 +126,6 @@ def _markdown_rows(path: Path) -> List[List[str]]:
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| Rank | Trial | Norm | Learning rate | Batch size |"), lines[0]
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _keras_tuner_trials(tune_dir: Path) -> Dict[str, Dict]:
@@ -267,10 +246,7 @@ def test_command_line_errors_print_no_traceback(tmp_path):
         (["--lr-min", "1", "--lr-max", "0.1"], "error: `--lr-min` must be smaller than `--lr-max`. Received: lr_min=1.0, lr_max=0.1\n"),
         (["--tuner", "grid"], "invalid choice: 'grid'"),
     ):
-        result = subprocess.run(
-            [sys.executable, "-m", "training.tune", *argv], cwd=tmp_path, env=_env(),
-            capture_output=True, text=True, timeout=120,
-        )
+        result = run_python(["-m", "training.tune", *argv], env=_env(), timeout=120, check=False, cwd=tmp_path)
         assert result.returncode == 2
         assert expected in result.stderr
         assert "Traceback" not in result.stderr
@@ -516,7 +492,7 @@ def _distributed_env(port: int, tuner_id: str) -> Dict[str, str]:
 
 @pytest.mark.slow
 def test_distributed_chief_and_two_workers_share_one_search(fashion_mnist, tmp_path):
-    port, trials = _free_port(), 4
+    port, trials = free_ports(1)[0], 4
     args = [*TINY, "--max-trials", str(trials), "--name", "dist"]
     searches = []
     try:
@@ -543,7 +519,7 @@ def test_distributed_chief_and_two_workers_share_one_search(fashion_mnist, tmp_p
 
 @pytest.mark.slow
 def test_distributed_worker_killed_mid_trial_is_waited_for_and_restarted(fashion_mnist, tmp_path):
-    port, trials = _free_port(), 3
+    port, trials = free_ports(1)[0], 3
     args = [*TINY, "--max-trials", str(trials), "--name", "restart"]
     tune_dir = tmp_path / "runs" / "tune-restart"
     searches = []
