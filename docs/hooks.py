@@ -14,8 +14,8 @@
   `make bench` last wrote, never a copy. On GitHub the marker is invisible
   and the link to latest.md beside it stands.
 * **Source pages.** Every module of `kerasbn/` becomes a page
-  `source/kerasbn/NAME/` with numbered, anchored lines; each API object's
-  heading links to its definition there (`docs/templates/`). There is no
+  `source/kerasbn/NAME/` with numbered, anchored lines; each API entry links
+  to its definition there (`docs/templates/`). There is no
   hosted repository to link to, so the site carries the source it was built
   from.
 * **Version.** The site's name and footer carry the version in
