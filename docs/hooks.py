@@ -160,11 +160,11 @@ def bench_section(report: str, title: str) -> str:
 
 
 def on_page_content(html_text, page, config, files):
-    page_url = page.url if page.url.endswith("/") else posixpath.dirname(page.url) + "/"
+    base = page.url if page.url.endswith("/") else posixpath.dirname(page.url)
 
     def link(match):
-        target = f"{SOURCE_PAGES}/{match['path']}/"
-        return f'href="{posixpath.relpath(target, page_url or ".")}/#__codelineno-0-{match["line"]}"'
+        target = posixpath.relpath(f"{SOURCE_PAGES}/{match['path']}", base or ".")
+        return f'href="{target}/#__codelineno-0-{match["line"]}"'
 
     return _SOURCE_LINK.sub(link, html_text)
 

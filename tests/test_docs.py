@@ -190,6 +190,24 @@ def test_the_benchmark_figures_are_the_last_runs(site):
 
 
 @needs_mkdocs
+def test_the_hooks_turn_help_docstrings_into_api_markdown():
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO_ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    text = hooks.api_docstring(
+        "Summary, see `kerasbn.fold`.\n\nCall arguments:\n    x: A tensor.\n\nExample:\n\n>>> f(1)\n2"
+    )
+    assert text.splitlines()[2:] == ["Other Parameters: Call arguments:", "    x: A tensor.", "",
+                                     "Examples:", "    >>> f(1)", "    2"], text
+    assert '<autoref identifier="kerasbn.fold" optional><code>kerasbn.fold</code></autoref>' in text
+    # Inside code blocks, headings and link texts names stay as written.
+    kept = "```python\n`kerasbn.fold`\n```\n## `kerasbn.fold`\n[`kerasbn.fold`](x.md)"
+    assert hooks.api_markdown(kept) == kept
+    with pytest.raises(ValueError, match="0 sections"):
+        hooks.bench_section(BENCH_REPORT, "No such section")
+
+
+@needs_mkdocs
 def test_the_result_plots_are_in_the_site(site):
     exercises = _text(site, "guides/exercises")
     images = re.findall(r'<img[^>]+src="([^"]+)"', exercises)
