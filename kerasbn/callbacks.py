@@ -41,8 +41,12 @@ class SyncMovingStatistics(keras.callbacks.Callback):
     every save holds their mean. One batched all-reduce for the whole model
     each time; without a multi-replica strategy it does nothing.
 
-    Under `MultiWorkerMirroredStrategy` every worker runs `fit` and so every
-    worker makes the call, as a collective needs.
+    This serves `fit` in one process (`MirroredStrategy`, one device).
+    Under `MultiWorkerMirroredStrategy` Keras 3.15's `fit` fails on every
+    worker, so a custom loop that every worker runs calls
+    `kerasbn.sync_moving_statistics(model)` itself, outside `strategy.run`,
+    after each epoch's steps (the distribution guide shows one;
+    `training/loop.py` is the kit's).
 
     Args:
         timeout_seconds: Passed to `sync_moving_statistics`; None (the default)

@@ -159,7 +159,7 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
         raise RuntimeError(
             "`sync_moving_statistics` is a collective call: every worker must call it. The other "
             f"workers did not join within timeout_seconds={timeout_seconds} ({type(error).__name__}). "
-            "Call it on every worker (as SyncMovingStatistics and fit do), not on the chief alone."
+            "Call it on every worker, at the same point of the loop they all run, not on the chief alone."
         ) from error
     return len(variables) // 2  # each layer's moving mean and moving variance
 

@@ -72,8 +72,9 @@ class BatchNorm(keras.layers.Layer):
       that size independently.
     * **A fused kernel** on the TensorFlow backend for 4-D NHWC/NCHW inputs
       and, viewed as (-1, 1, 1, C), any input normalized over its last axis
-      (`fused=None` picks it where it is exact and measured faster on the
-      device the op runs on; `kerasbn/plan.py` holds the rule).
+      (`fused=None` picks it where it is exact and measured faster; only
+      CPUs are measured, other devices get TensorFlow's own choices;
+      `kerasbn/plan.py` holds the rule).
     * **A compiled inference path**, `inference_function`: a `tf.function`
       with a fixed input signature that computes the same folded formula as
       `call(training=False)`, and is what a SavedModel of the layer serves.

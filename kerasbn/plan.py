@@ -59,22 +59,16 @@ FUSED_NHWC_CHANNEL_MULTIPLE = 4
 FUSED_MIN_ELEMENTS = 100_000
 # Training, an unknown batch size: Keras traces `fit` with batch None unless
 # the dataset drops its remainder, so the element count is estimated with
-# this batch (the benchmark's and the training kit's). One train step
-# (forward, backward, moving update), tf.function with input_signature batch
-# None vs 256, timed interleaved in one process (60 rounds, load ~7 on the 2
-# cores), relative to the same layer with the batch known (which takes the
-# widened view there):
-#
-#   shape       unknown batch: generic   fused (the former rule)   stock keras: None vs 256
-#   (256, 84)                  1.13x     2.04x                      1.09x
-#   (256, 120)                 1.13x     1.92x                      1.05x
-#
-# The widened view needs a static batch (`(-1, k * C)` needs rows that k
-# divides), so the generic path is the best an unknown rank-2 batch gets; the
-# rest of the gap is the dynamic-shape bookkeeping of the graph (Shape, Prod,
-# BroadcastTo in the mean's gradient; the empty-batch guard, ~2%), which the
-# stock layer pays too. (A closed-form backward, prototyped outside the
-# library, ran the unknown batch at 1.00x of the known one.)
+# this batch (the benchmark's and the training kit's). The fused kernel, which
+# an unknown batch took before this rule, was slower than the generic path on
+# LeNet's (None, 84) and (None, 120); the widened view needs a static batch
+# (`(-1, k * C)` needs rows that k divides), so the generic path is the best
+# an unknown rank-2 batch gets. Its cost against the known batch is one
+# figure: the benchmark's distributed suite times it (`python -m bench
+# --suite distributed`, rows `kerasbn/batch None` and `kerasbn/batch 256` in
+# bench/results/latest.md; goal: at most 1.05x). What remains is the graph's
+# dynamic-shape bookkeeping (Shape, Prod, BroadcastTo in the mean's
+# gradient; the empty-batch guard), which the stock layer pays too.
 TYPICAL_BATCH = 256
 # Inference, NHWC: `x * a + b` through the fused kernel (`fused_affine_nhwc`,
 # epsilon 0) in one pass beat two element-wise ops from 16 channels
