@@ -201,9 +201,7 @@ def plan(
 
     layout = fused_layout(rank, feature_axes, renorm, virtual_batch_size, epsilon)
     blocker = None
-    if cross_replica:
-        blocker = "synchronized statistics across replicas need the generic path's all-reduce"
-    elif layout is None:
+    if layout is None:
         blocker = "no fused layout (axis, renorm, virtual_batch_size or epsilon)"
     elif masked:
         blocker = "a mask"
@@ -218,7 +216,8 @@ def plan(
     if fused:
         return Plan("fused", "fused=True", layout=layout)
     reduced = [shape[a] for a in reduction_axes(rank, feature_axes)]
-    if blocker is None and None not in reduced and math.prod(reduced) <= 1:
+    # Synchronized statistics are the global batch's, whatever this slice holds.
+    if blocker is None and not cross_replica and None not in reduced and math.prod(reduced) <= 1:
         # No statistics to speak of (the batch variance is 0, or there
         # is no example): the generic path, whose numbers are tested.
         blocker = "at most one value per channel"
