@@ -8,7 +8,10 @@ and what every replica sees:
 | call | cross-replica calls | what every replica sees |
 |---|---|---|
 | training step, `synchronized=False` | 0 per layer | its own batch statistics; it updates its own copy of the moving statistics |
-| training step, `synchronized=True` | 2 per layer: one all-gather forward, one all-reduce backward | the global batch's statistics, exact on uneven and empty slices |
+| training step, `synchronized=True` (generic path: masks, renorm, NCHW, other axes) | 2 per layer, both all-reduces: forward, every replica's `(count, mean, M2)` in its own slot of a zero `(replicas, 3, C)` tensor (an all-gather in one collective op); backward, the two gradient sums. 2 collective ops in the traced graph (TensorFlow's all-gather would launch 2 alone) | the global batch's statistics, exact on uneven and empty slices |
+| training step, `synchronized=True`, NHWC (4-D or viewed as (-1, 1, 1, C)): the fused path | the same 2 calls, 2 collective ops | the same statistics; TensorFlow's fused kernels in inference mode with the global mean and variance, forward and backward (`dgamma`, `dbeta` stay each replica's, the optimizer's aggregation sums them) |
+| training step, `synchronized=True, sync_group_size=k` | the same 2 calls, 2 collective ops (every replica's rows travel; each combines its group's; backward sums go to its group's slot) | the statistics of its group (consecutive replicas, k of them); each copy of the moving statistics follows its group's, and the handover's mean is the mean over all replicas; renorm's statistics still average over all replicas as written |
+| training step, `synchronized=True` inside control flow (an RNN cell's `tf.while_loop`, `tf.cond`, a nested `tf.function`) | none: a ValueError naming the way out | TensorFlow refuses the all-reduce's `merge_call` there; use `synchronized=False` for that layer, or unroll the loop |
 | training step, `renorm=True` | 1 per moving variable (averaged as written) | its own batch statistics, corrected towards the shared renorm ones |
 | inference step (inside a replica) | 0 | its own copy of the moving statistics |
 | `sync_moving_statistics(model)` (the handover) | 1 for the whole model | afterwards, every copy holds the cross-replica mean |

@@ -91,3 +91,67 @@ def fused_affine_nhwc(x, a, b):
         is_training=False,
     )
     return y
+
+
+# The inference kernel with these statistics computes (x - mean) * 1 * a + b:
+# 0.5 + 0.5 is exactly 1 (so is its rsqrt), and cuDNN accepts epsilon 0.5
+# where it rejects the 0 that `fused_affine_nhwc` passes on CPUs.
+_UNIT_VARIANCE_SPLIT = 0.5
+
+
+def fused_batch_norm_inference(x, gamma, beta, mean, variance, epsilon: float, data_format: str):
+    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta` with given statistics, in one pass.
+
+    The inference-mode kernel: the statistics are inputs, not the batch's.
+    Synchronized batch norm hands it the global batch's
+    (`kerasbn.replicas.synchronized_fused_batch_norm`).
+
+    Args:
+        x: 4-D tensor, float16, bfloat16 or float32.
+        gamma, beta, mean, variance: float32 tensors of shape `(channels,)`.
+        epsilon: Added to the variance.
+        data_format: "NHWC" or "NCHW".
+
+    Returns:
+        `(y, reserve)`: `y` in the dtype of `x`, and the kernel's reserve
+        space, which `fused_batch_norm_inference_grad` takes.
+    """
+    tf = tensorflow()
+    outputs = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=epsilon,
+        exponential_avg_factor=1.0, data_format=data_format, is_training=False,
+    )
+    return outputs.y, outputs.reserve_space_3
+
+
+def fused_batch_norm_inference_grad(dy, x, gamma, mean, variance, reserve, epsilon: float, data_format: str):
+    """The gradients of `fused_batch_norm_inference` with the statistics held fixed, in one pass.
+
+    Returns:
+        `(dx, dgamma, dbeta)`: `dx = dy * gamma / sqrt(variance + epsilon)` in
+        the dtype of `x`, and per channel `sum(dy * x_hat)` and `sum(dy)`
+        (float32), with `x_hat = (x - mean) / sqrt(variance + epsilon)`.
+    """
+    tf = tensorflow()
+    grads = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean, reserve_space_2=variance,
+        reserve_space_3=reserve, epsilon=epsilon, data_format=data_format, is_training=False,
+    )
+    return grads.x_backprop, grads.scale_backprop, grads.offset_backprop
+
+
+def fused_shifted_affine(x, a, b, center, data_format: str):
+    """`(x - center) * a + b` per channel in one pass of the inference kernel.
+
+    Args:
+        x: 4-D tensor (float16, bfloat16 or float32).
+        a, b, center: float32 tensors of shape `(channels,)`.
+        data_format: "NHWC" or "NCHW".
+
+    Returns:
+        A tensor in the dtype of `x`.
+    """
+    tf = tensorflow()
+    variance = tf.fill(tf.shape(a), _UNIT_VARIANCE_SPLIT)
+    y, _ = fused_batch_norm_inference(x, a, b, center, variance, _UNIT_VARIANCE_SPLIT, data_format)
+    return y

@@ -20,7 +20,13 @@ from keras import constraints, initializers, ops, regularizers
 from kerasbn import ops as bn_ops
 from kerasbn import plan as path_plan
 from kerasbn.backend import device_type, is_tensorflow, require_tensorflow, tensorflow
-from kerasbn.replicas import check_distributed, cross_replica_moments, moving_statistics_aggregation, replica_context
+from kerasbn.replicas import (
+    check_distributed,
+    moving_statistics_aggregation,
+    replica_context,
+    synchronized_fused_batch_norm,
+    synchronized_moments,
+)
 from kerasbn.fused import fused_affine_nhwc, fused_batch_norm_training
 from kerasbn.plan import FUSED_DTYPES, Plan
 from kerasbn.validation import (
@@ -64,9 +70,11 @@ class BatchNorm(keras.layers.Layer):
       nested `tf.function`s); `kerasbn.sync_moving_statistics` hands the copies
       over to their cross-replica mean in one collective for the whole model,
       and reads outside replicas never hang a worker. `synchronized=True`
-      computes the global batch's statistics with one all-gather forward and
-      one all-reduce backward, exact also when replicas hold different numbers
-      of examples. `kerasbn/distributed.py` states the contract.
+      computes the global batch's statistics (or a group's of
+      `sync_group_size` replicas) with one all-reduce forward and one
+      backward, exact also when replicas hold different numbers of examples,
+      on TensorFlow's fused kernels where the plan takes them.
+      `kerasbn/distributed.py` states the contract.
     * **Several feature axes**: `axis` may be a list, e.g. `[1, 3]`.
     * **Ghost batch norm**: `virtual_batch_size` normalizes sub-batches of
       that size independently.
@@ -100,15 +108,25 @@ class BatchNorm(keras.layers.Layer):
             clipping `r` to [rmin, rmax] and `d` to [-dmax, dmax].
         renorm_momentum: Momentum of the renorm statistics.
         synchronized: If True, compute batch statistics over the global batch
-            of all replicas (TensorFlow `tf.distribute`: one all-gather
-            forward, one all-reduce backward per layer). On JAX, arrays
-            sharded by `keras.distribution` are global already.
+            of all replicas (TensorFlow `tf.distribute`: one all-reduce
+            forward, one backward per layer). On JAX, arrays sharded by
+            `keras.distribution` are global already. Not inside control
+            flow under a strategy (an RNN cell's loop, a `tf.cond`): the
+            all-reduce raises a ValueError there; use False for such layers.
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
             (the moving averages take their mean). Must divide the batch.
+            Not with `synchronized=True` (a ValueError).
         fused: None (use the fused kernel where exact and measured faster,
             see `kerasbn/plan.py`), True (require it: an error where it cannot run, e.g.
-            with a mask or cross-replica statistics) or False (never use it).
+            with a mask) or False (never use it).
+        sync_group_size: Optional positive integer, with `synchronized=True`
+            only (TensorFlow): consecutive replicas in groups of this size
+            share statistics (replicas 0 to k - 1, k to 2k - 1, ...), as
+            PyTorch's `SyncBatchNorm(process_group=...)` and apex's
+            `group_size`; at the same 2 cross-replica calls per step. It must
+            divide the number of replicas (a ValueError at the first
+            training call otherwise). None: all replicas.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -148,6 +166,7 @@ class BatchNorm(keras.layers.Layer):
         synchronized: bool = False,
         virtual_batch_size: Optional[int] = None,
         fused: Optional[bool] = None,
+        sync_group_size: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -172,6 +191,16 @@ class BatchNorm(keras.layers.Layer):
         self.renorm_momentum = validate_momentum("renorm_momentum", renorm_momentum)
         self.synchronized = bool(synchronized)
         self.virtual_batch_size = validate_virtual_batch_size(virtual_batch_size)
+        if self.synchronized and self.virtual_batch_size is not None:
+            # Ghost batch g of every replica would share statistics: sub-batches of
+            # virtual_batch_size x replicas, not of virtual_batch_size, and no
+            # common shape where the replicas' slices differ in size.
+            raise ValueError(
+                "`virtual_batch_size` cannot be combined with `synchronized=True`: ghost batches are "
+                "normalized with their own statistics, synchronized ones with the global batch's. "
+                f"Received: synchronized=True, virtual_batch_size={virtual_batch_size!r}"
+            )
+        self.sync_group_size = _validate_sync_group_size(sync_group_size, self.synchronized)
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
         if fused:
@@ -353,6 +382,11 @@ class BatchNorm(keras.layers.Layer):
             x = inputs if keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES else ops.cast(inputs, dtype)
             if len(inputs.shape) != 4:
                 x = ops.reshape(x, (-1, 1, 1, inputs.shape[-1]))
+            if self._cross_replica():
+                outputs, mean, variance, count = synchronized_fused_batch_norm(
+                    x, self.gamma, self.beta, self.epsilon, plan.layout, self.sync_group_size
+                )
+                return self._finish_training(inputs, outputs, mean, variance, fresh=count[0] > 0)
             outputs, mean, variance = fused_batch_norm_training(x, self.gamma, self.beta, self.epsilon, plan.layout)
             return self._finish_training(inputs, outputs, mean, variance)
 
@@ -376,7 +410,7 @@ class BatchNorm(keras.layers.Layer):
             x, mask = self._split_virtual_batches(x, mask)
             axes = tuple(a + 1 for a in axes)
             rank, shift = rank + 1, 1
-        mean, variance = self._batch_moments(x, axes, mask)
+        mean, variance, count = self._batch_moments(x, axes, mask)
         gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
         if self.renorm:
             renorm_mean, renorm_stddev = self._broadcast(
@@ -390,16 +424,21 @@ class BatchNorm(keras.layers.Layer):
             # The moving averages take the mean over the virtual batches.
             mean = ops.mean(mean, axis=0)
             variance = ops.mean(variance, axis=0)
-        return self._finish_training(inputs, outputs, mean, variance)
+        fresh = None if count is None else ops.all(count > 0)
+        return self._finish_training(inputs, outputs, mean, variance, fresh=fresh)
 
-    def _finish_training(self, inputs, outputs, mean, variance):
+    def _finish_training(self, inputs, outputs, mean, variance, fresh=None):
         """The tail every training path shares: the moving-average update, then the outputs
         in the inputs' shape and the compute dtype.
 
         `mean` and `variance` hold one value per feature, in any shape of that size.
+        `fresh` says whether they are statistics of any example (None: whether
+        `inputs` hold one). Synchronized statistics are the group's, whatever
+        this slice holds: a boolean tensor, False only where the whole group
+        is empty.
         """
-        # Synchronized statistics are the global batch's, whatever this slice holds.
-        fresh = True if self._cross_replica() else _has_examples(inputs)
+        if fresh is None:
+            fresh = _has_examples(inputs)
         param_shape = tuple(self.moving_mean.shape)
         self._update_moving_statistics(ops.reshape(mean, param_shape), ops.reshape(variance, param_shape), fresh)
         if tuple(outputs.shape) != tuple(inputs.shape):
@@ -407,9 +446,10 @@ class BatchNorm(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _batch_moments(self, x, axes, mask):
+        """`(mean, variance, count)`: count per statistic for synchronized ones (see `_finish_training`), else None."""
         if self.synchronized and is_tensorflow():
-            return cross_replica_moments(x, axes, mask=mask, keepdims=True)
-        return bn_ops.moments(x, axes, mask=mask, keepdims=True)
+            return synchronized_moments(x, axes, mask=mask, keepdims=True, group_size=self.sync_group_size)
+        return (*bn_ops.moments(x, axes, mask=mask, keepdims=True), None)
 
     def _split_virtual_batches(self, x, mask):
         size = self.virtual_batch_size
@@ -628,8 +668,24 @@ class BatchNorm(keras.layers.Layer):
             "synchronized": self.synchronized,
             "virtual_batch_size": self.virtual_batch_size,
             "fused": self.fused,
+            "sync_group_size": self.sync_group_size,
         }
         return {**super().get_config(), **config}
+
+
+def _validate_sync_group_size(size, synchronized: bool) -> Optional[int]:
+    """`sync_group_size` as a positive int or None; only with `synchronized=True`, on TensorFlow."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`sync_group_size` must be a positive integer or None. Received: sync_group_size={size!r}")
+    if not synchronized:
+        raise ValueError(
+            "`sync_group_size` groups the replicas that share synchronized statistics: it needs "
+            f"`synchronized=True`. Received: sync_group_size={size}, synchronized=False"
+        )
+    require_tensorflow("`sync_group_size` (tf.distribute replica groups)", received=f"sync_group_size={size}")
+    return size
 
 
 def _has_examples(inputs):

@@ -13,12 +13,13 @@ import kerasbn
 class NormalizedCell(keras.layers.Layer):
     """`h' = tanh(BatchNorm(Dense([x, h])))`: inference normalizes inside the RNN's while loop."""
 
-    def __init__(self, units, **kwargs):
+    def __init__(self, units, synchronized=False, **kwargs):
         super().__init__(**kwargs)
         self.units = units
+        self.synchronized = synchronized
         self.state_size = units
         self.dense = keras.layers.Dense(units)
-        self.norm = kerasbn.BatchNorm()
+        self.norm = kerasbn.BatchNorm(synchronized=synchronized)
 
     def build(self, input_shape):
         self.dense.build((input_shape[0], input_shape[-1] + self.units))
@@ -30,4 +31,4 @@ class NormalizedCell(keras.layers.Layer):
         return hidden, [hidden]
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        return {**super().get_config(), "units": self.units, "synchronized": self.synchronized}

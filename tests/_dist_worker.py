@@ -299,7 +299,7 @@ def run_edges(strategy, seed, results):
     True, records the inputs, each replica's outputs and every replica copy
     of the moving statistics, and for synchronized=False the outputs of the
     stock layer fed the same slices. Also records the error of `fused=True`
-    with cross-replica statistics.
+    with cross-replica statistics in NCHW (the fused synchronized path is NHWC-only).
     """
     import keras
     import tensorflow as tf
@@ -358,10 +358,10 @@ def run_edges(strategy, seed, results):
                         results[f"{key}.copy{copy}.{name}"] = value
 
     with strategy.scope():
-        fused = kerasbn.BatchNorm(fused=True, synchronized=True)
-        fused.build((None, 2, 2, 4))
+        fused = kerasbn.BatchNorm(axis=1, fused=True, synchronized=True)
+        fused.build((None, 4, 2, 2))
     try:
-        strategy.run(tf.function(lambda x: fused(x, training=True)), args=(tf.ones((2, 2, 2, 4)),))
+        strategy.run(tf.function(lambda x: fused(x, training=True)), args=(tf.ones((2, 4, 2, 2)),))
         results["edges.fused_true_error"] = np.asarray("")
     except ValueError as error:
         results["edges.fused_true_error"] = np.asarray(str(error))

@@ -415,11 +415,11 @@ def test_slices_of_one_example_and_of_none(mirrored, kind, synchronized):
                                                **CLOSED_FORM_TOL, err_msg=f"{where}: replica {r}'s own {name}")
 
 
-def test_fused_true_raises_for_cross_replica_statistics(mirrored):
+def test_fused_true_raises_for_synchronized_nchw(mirrored):
     _, results = mirrored
     assert (
-        "`fused=True` cannot take the fused kernel here: synchronized statistics across replicas need the generic "
-        "path's all-reduce. Use fused=None to let the layer choose. Received: fused=True, inputs.shape=(2, 2, 2, 4)"
+        "`fused=True` cannot take the fused kernel here: synchronized NCHW (the inference-mode gradient kernel "
+        "takes NHWC only). Use fused=None to let the layer choose. Received: fused=True, inputs.shape=(2, 4, 2, 2)"
     ) in str(results["edges.fused_true_error"])
 
 
@@ -436,10 +436,10 @@ def _per_layer(results, kind, step):
 
 
 def test_cross_replica_calls_per_step(mirrored):
-    """synchronized=True: 2 per layer (stock: 5); synchronized=False: 0; inference: 0 at all."""
+    """synchronized=True: 2 per layer, both all-reduces (stock: 5); synchronized=False: 0; inference: 0 at all."""
     _, results = mirrored
     sync, _ = _per_layer(results, "kerasbn_sync", "train")
-    assert sync == {"all_reduce": 1, "all_gather": 1, "reduce_to": 0, "batch_reduce_to": 0}, sync
+    assert sync == {"all_reduce": 2, "all_gather": 0, "reduce_to": 0, "batch_reduce_to": 0}, sync
     unsync, unsync_total = _per_layer(results, "kerasbn_unsync", "train")
     assert sum(unsync.values()) == 0, unsync
     # What is left in the step is the optimizer's one batched gradient all-reduce.

@@ -57,21 +57,24 @@ NON_DEFAULT_ARGUMENTS = dict(
     renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
     renorm_momentum=0.8,
     synchronized=True,
-    virtual_batch_size=2,
+    sync_group_size=2,
     fused=False,
     name="custom_bn",
     trainable=False,
 )
+# Ghost batches cannot be synchronized: the one argument left out above, in a set of its own.
+GHOST_ARGUMENTS = {**NON_DEFAULT_ARGUMENTS, "synchronized": False, "sync_group_size": None, "virtual_batch_size": 2}
 
 
-def test_config_round_trip_with_every_argument_changed(rng):
-    assert set(NON_DEFAULT_ARGUMENTS) >= _constructor_arguments(BatchNorm)
-    layer = BatchNorm(**NON_DEFAULT_ARGUMENTS)
+@pytest.mark.parametrize("arguments", [NON_DEFAULT_ARGUMENTS, GHOST_ARGUMENTS], ids=["synchronized", "ghost"])
+def test_config_round_trip_with_every_argument_changed(rng, arguments):
+    assert set(GHOST_ARGUMENTS) >= _constructor_arguments(BatchNorm)  # every argument, across the two sets
+    layer = BatchNorm(**arguments)
     config = layer.get_config()
     json.dumps(config)  # plain JSON, as a .keras file stores it
     for name in ("axis", "momentum", "epsilon", "center", "renorm", "renorm_clipping", "renorm_momentum",
-                 "synchronized", "virtual_batch_size", "fused", "name", "trainable"):
-        assert config[name] == NON_DEFAULT_ARGUMENTS[name], name
+                 "synchronized", "sync_group_size", "virtual_batch_size", "fused", "name", "trainable"):
+        assert config[name] == arguments[name], name
     clone = BatchNorm.from_config(config)
     assert clone.get_config() == config
     assert keras.initializers.serialize(clone.gamma_initializer) == keras.initializers.serialize(
