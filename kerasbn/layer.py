@@ -10,6 +10,7 @@ reached only on the TensorFlow backend.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -21,6 +22,7 @@ from kerasbn import ops as bn_ops
 from kerasbn import plan as path_plan
 from kerasbn.backend import device_type, is_tensorflow, require_tensorflow, tensorflow
 from kerasbn.replicas import cross_replica_moments, moving_statistics_aggregation, replica_context
+from kerasbn.sharding import data_axis, per_device, replica_groups, synchronized_moments
 from kerasbn.fused import fused_affine_nhwc, fused_batch_norm_training
 from kerasbn.plan import FUSED_DTYPES, Plan
 from kerasbn.validation import (
@@ -100,8 +102,13 @@ class BatchNorm(keras.layers.Layer):
         renorm_momentum: Momentum of the renorm statistics.
         synchronized: If True, compute batch statistics over the global batch
             of all replicas (TensorFlow `tf.distribute`: one all-gather
-            forward, one all-reduce backward per layer). On JAX, arrays
-            sharded by `keras.distribution` are global already.
+            forward, one all-reduce backward per layer; JAX under
+            `keras.distribution`: one all-gather forward, one all-reduce
+            backward). If False, each replica or device uses its own batch
+            statistics, with no collective.
+        sync_group_size: Optional positive integer: with `synchronized=True`,
+            synchronize within consecutive groups of this many replicas
+            (devices along the batch axis on JAX); None: all of them.
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
             (the moving averages take their mean). Must divide the batch.
@@ -145,6 +152,7 @@ class BatchNorm(keras.layers.Layer):
         renorm_clipping: Optional[dict] = None,
         renorm_momentum: float = 0.99,
         synchronized: bool = False,
+        sync_group_size: Optional[int] = None,
         virtual_batch_size: Optional[int] = None,
         fused: Optional[bool] = None,
         **kwargs,
@@ -170,6 +178,13 @@ class BatchNorm(keras.layers.Layer):
         self.renorm_clipping = validate_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
         self.renorm_momentum = validate_momentum("renorm_momentum", renorm_momentum)
         self.synchronized = bool(synchronized)
+        if sync_group_size is not None and (
+            isinstance(sync_group_size, bool) or not isinstance(sync_group_size, int) or sync_group_size < 1
+        ):
+            raise ValueError(
+                f"`sync_group_size` must be a positive integer or None. Received: sync_group_size={sync_group_size!r}"
+            )
+        self.sync_group_size = sync_group_size
         self.virtual_batch_size = validate_virtual_batch_size(virtual_batch_size)
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
@@ -366,7 +381,31 @@ class BatchNorm(keras.layers.Layer):
             return self._finish_training(inputs, bn_ops.apply_affine_widened(wide, a, b), mean, variance)
 
         x = ops.cast(inputs, dtype)
-        rank = len(inputs.shape)
+        params = [self.gamma, self.beta] + ([self.renorm_mean, self.renorm_stddev] if self.renorm else [None, None])
+        devices = data_axis(inputs.shape[0])
+        if devices is None:
+            outputs, mean, variance = self._normalize_batch(x, mask, *params)
+        else:
+            # JAX under keras.distribution: each device normalizes its own
+            # slice of the global batch (kerasbn/sharding.py); the moving
+            # averages take the mean of the devices' statistics.
+            outputs, means, variances = per_device(
+                functools.partial(self._normalize_batch, devices=devices),
+                devices,
+                batch=[x, mask],
+                replicated=[None if p is None else ops.convert_to_tensor(p) for p in params],
+            )
+            mean, variance = ops.mean(means, axis=0), ops.mean(variances, axis=0)
+        return self._finish_training(inputs, outputs, mean, variance)
+
+    def _normalize_batch(self, x, mask, gamma, beta, renorm_mean, renorm_stddev, devices=None):
+        """The generic training path on `x` (the statistics dtype): `(outputs, mean, variance)`.
+
+        `devices` (a `kerasbn.sharding.DataAxis`) is set where this runs on one
+        device's slice of a global batch (`kerasbn.sharding.per_device`).
+        """
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        rank = len(x.shape)
         axes = bn_ops.reduction_axes(rank, self._feature_axes)
         shift = 0
         if self.virtual_batch_size is not None:
@@ -375,12 +414,10 @@ class BatchNorm(keras.layers.Layer):
             x, mask = self._split_virtual_batches(x, mask)
             axes = tuple(a + 1 for a in axes)
             rank, shift = rank + 1, 1
-        mean, variance = self._batch_moments(x, axes, mask)
-        gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
+        mean, variance = self._batch_moments(x, axes, mask, devices)
+        gamma, beta = self._broadcast(rank, gamma, beta, dtype=dtype, shift=shift)
         if self.renorm:
-            renorm_mean, renorm_stddev = self._broadcast(
-                rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
-            )
+            renorm_mean, renorm_stddev = self._broadcast(rank, renorm_mean, renorm_stddev, dtype=dtype, shift=shift)
             gamma, beta = bn_ops.renorm_affine(
                 mean, variance, renorm_mean, renorm_stddev, gamma, beta, self.epsilon, self.renorm_clipping
             )
@@ -389,7 +426,7 @@ class BatchNorm(keras.layers.Layer):
             # The moving averages take the mean over the virtual batches.
             mean = ops.mean(mean, axis=0)
             variance = ops.mean(variance, axis=0)
-        return self._finish_training(inputs, outputs, mean, variance)
+        return outputs, mean, variance
 
     def _finish_training(self, inputs, outputs, mean, variance):
         """The tail every training path shares: the moving-average update, then the outputs
@@ -405,7 +442,10 @@ class BatchNorm(keras.layers.Layer):
             outputs = ops.reshape(outputs, ops.shape(inputs))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _batch_moments(self, x, axes, mask):
+    def _batch_moments(self, x, axes, mask, devices=None):
+        if self.synchronized and devices is not None:
+            groups = replica_groups(devices, self.sync_group_size)
+            return synchronized_moments(x, axes, mask, axis_name=devices.name, groups=groups)
         if self.synchronized and is_tensorflow():
             return cross_replica_moments(x, axes, mask=mask, keepdims=True)
         return bn_ops.moments(x, axes, mask=mask, keepdims=True)
@@ -623,6 +663,7 @@ class BatchNorm(keras.layers.Layer):
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
             "synchronized": self.synchronized,
+            "sync_group_size": self.sync_group_size,
             "virtual_batch_size": self.virtual_batch_size,
             "fused": self.fused,
         }

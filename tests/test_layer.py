@@ -832,6 +832,7 @@ NON_DEFAULT_ARGUMENTS = dict(
     renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
     renorm_momentum=0.8,
     synchronized=True,
+    sync_group_size=2,
     virtual_batch_size=2,
     fused=False,
     name="custom_bn",
@@ -845,7 +846,7 @@ def test_config_round_trip_with_every_argument_changed(rng):
     config = layer.get_config()
     json.dumps(config)  # plain JSON, as a .keras file stores it
     for name in ("axis", "momentum", "epsilon", "center", "renorm", "renorm_clipping", "renorm_momentum",
-                 "synchronized", "virtual_batch_size", "fused", "name", "trainable"):
+                 "synchronized", "sync_group_size", "virtual_batch_size", "fused", "name", "trainable"):
         assert config[name] == NON_DEFAULT_ARGUMENTS[name], name
     clone = BatchNorm.from_config(config)
     assert clone.get_config() == config
