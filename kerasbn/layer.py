@@ -68,7 +68,10 @@ class BatchNorm(keras.layers.Layer):
       and reads outside replicas never hang a worker. `synchronized=True`
       computes the global batch's statistics with one all-gather forward and
       one all-reduce backward, exact also when replicas hold different numbers
-      of examples. `kerasbn/distributed.py` states the contract.
+      of examples. On JAX under `keras.distribution` each device normalizes
+      its own slice with no collective per layer, or the global batch with
+      one all-gather forward and one all-reduce backward (`synchronized=True`).
+      `kerasbn/distributed.py` states the contract.
     * **Several feature axes**: `axis` may be a list, e.g. `[1, 3]`.
     * **Ghost batch norm**: `virtual_batch_size` normalizes sub-batches of
       that size independently.
