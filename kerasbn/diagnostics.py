@@ -1,17 +1,20 @@
-"""Diagnostics: counting what a step asks of the other replicas (TensorFlow backend).
+"""Diagnostics: counting what a step asks of the other replicas or devices.
 
-`count_cross_replica_calls` checks the distribution contract
-(`kerasbn/distributed.py`) from outside: it wraps `tf.distribute`'s
-collective methods while a block runs and counts the calls. It is a
-diagnostic for tests and benchmarks, not something a training step needs.
+Both check the distribution contract (`kerasbn/distributed.py`) from outside;
+they are diagnostics for tests and benchmarks, not something a training step
+needs. `count_cross_replica_calls` (TensorFlow) wraps `tf.distribute`'s
+collective methods while a block runs and counts the calls;
+`count_hlo_collectives` (JAX) counts the collectives XLA compiled into a
+jitted function.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import threading
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 from kerasbn.backend import require_tensorflow, tensorflow
 
@@ -141,3 +144,31 @@ def count_cross_replica_calls() -> Iterator[Dict[str, int]]:
     finally:
         _close(counter)
         counts.update(counter.totals())
+
+
+HLO_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def count_hlo_collectives(fn: Callable, *args, **kwargs) -> Dict[str, int]:
+    """Counts the collectives in the compiled (optimized) HLO of `jax.jit(fn)(*args, **kwargs)`.
+
+    What XLA runs, after its passes: the collectives the SPMD partitioner
+    inserted for sharded arrays, those written with `jax.lax` inside
+    `jax.shard_map`, each counted once however many arrays it carries (XLA's
+    combiners merge independent all-reduces of a step into one tuple-shaped
+    op). Asynchronous pairs count once (their `-start`).
+
+    Args:
+        fn: A function of JAX arrays (a jitted one is jitted again as is).
+        *args: Its arguments, placed (sharded) as the real call's are.
+        **kwargs: Its keyword arguments.
+
+    Returns:
+        `{op: count}` for each of `HLO_COLLECTIVES`, plus "total".
+    """
+    import jax
+
+    text = jax.jit(fn).lower(*args, **kwargs).compile().as_text()
+    counts = {op: len(re.findall(rf"\s{op}(?:-start)?\(", text)) for op in HLO_COLLECTIVES}
+    counts["total"] = sum(counts.values())
+    return counts

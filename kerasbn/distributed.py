@@ -1,48 +1,68 @@
-"""kerasbn under `tf.distribute`: the contract, in one module (TensorFlow backend only).
+"""kerasbn under `tf.distribute` and `keras.distribution`: the contract, in one module.
 
-Under `MirroredStrategy` or `MultiWorkerMirroredStrategy` each replica runs
-the layer on its own slice of the global batch. What each call costs in
-cross-replica calls (an all-reduce or all-gather that every replica must join)
-and what every replica sees:
+On TensorFlow, under `MirroredStrategy` or `MultiWorkerMirroredStrategy`,
+each replica runs the layer on its own slice of the global batch. On JAX,
+under `keras.distribution.DataParallel`, the batch is one global array
+sharded along the mesh's batch axis, and the layer runs its statistics on
+each device's slice (`jax.shard_map`, `kerasbn/sharding.py`). What each call
+costs in collectives (an all-reduce or all-gather that every replica or
+device must join; on JAX counted in the compiled HLO) and what every replica
+or device sees:
 
-| call | cross-replica calls | what every replica sees |
+| call | TensorFlow (`tf.distribute`) | JAX (`keras.distribution`) |
 |---|---|---|
-| training step, `synchronized=False` | 0 per layer | its own batch statistics; it updates its own copy of the moving statistics |
-| training step, `synchronized=True` (generic path: masks, renorm, NCHW, other axes) | 2 per layer, both all-reduces: forward, every replica's `(count, mean, M2)` in its own slot of a zero `(replicas, 3, C)` tensor (an all-gather in one collective op); backward, the two gradient sums. 2 collective ops in the traced graph (TensorFlow's all-gather would launch 2 alone) | the global batch's statistics, exact on uneven and empty slices |
-| training step, `synchronized=True`, NHWC (4-D or viewed as (-1, 1, 1, C)): the fused path | the same 2 calls, 2 collective ops | the same statistics; TensorFlow's fused kernels in inference mode with the global mean and variance, forward and backward (`dgamma`, `dbeta` stay each replica's, the optimizer's aggregation sums them) |
-| training step, `synchronized=True, sync_group_size=k` | the same 2 calls, 2 collective ops (every replica's rows travel; each combines its group's; backward sums go to its group's slot) | the statistics of its group (consecutive replicas, k of them); each copy of the moving statistics follows its group's, and the handover's mean is the mean over all replicas; renorm's statistics still average over all replicas as written |
-| training step, `synchronized=True` inside control flow (an RNN cell's `tf.while_loop`, `tf.cond`, a nested `tf.function`) | none: a ValueError naming the way out | TensorFlow refuses the all-reduce's `merge_call` there; use `synchronized=False` for that layer, or unroll the loop |
-| training step, `renorm=True` | 1 per moving variable (averaged as written) | its own batch statistics, corrected towards the shared renorm ones |
-| inference step (inside a replica) | 0 | its own copy of the moving statistics |
-| `sync_moving_statistics(model)` (the handover) | 1 for the whole model | afterwards, every copy holds the cross-replica mean |
-| a read outside replicas (`.numpy()`, `get_weights`, checkpoints, `.keras`, SavedModel) | 0 across workers | MirroredStrategy: the mean of the copies; MultiWorkerMirroredStrategy: this worker's first copy, the cross-replica mean as of the last handover |
+| training step, `synchronized=False` | 0 per layer; each replica uses its own batch statistics and updates its own copy of the moving statistics | 0 per layer, forward and backward; each device uses its own batch statistics; the moving statistics are averaged as written, and XLA combines every layer's average with the gradients' all-reduce (measured: 1 collective for the whole step) |
+| training step, `synchronized=True` (generic path: masks, renorm, NCHW, other axes) | 2 per layer, both all-reduces: forward, every replica's `(count, mean, M2)` in its own slot of a zero `(replicas, 3, C)` tensor (an all-gather in one collective op); backward, the two gradient sums. 2 collective ops in the traced graph (TensorFlow's all-gather alone would launch 2) | 2 per layer: one all-gather of every device's `(count, mean, M2)` forward, one all-reduce of the two gradient sums backward |
+| training step, `synchronized=True`, NHWC (4-D or viewed as (-1, 1, 1, C)): the fused path | the same 2 calls and 2 collective ops, around TensorFlow's fused kernels in inference mode with the global mean and variance, forward and backward (`dgamma`, `dbeta` stay each replica's; the optimizer's aggregation sums them) | (no fused kernel: the row above) |
+| what synchronized statistics are | the global batch's, exact on uneven and empty slices | the same, uneven masked counts included |
+| training step, `synchronized=True, sync_group_size=k` | the same 2 calls and 2 collective ops (every replica's rows travel; each combines its group's; backward sums go to its group's slot): the statistics of its group of k consecutive replicas; each copy of the moving statistics follows its group's, the handover's mean is over all replicas | the same 2 collectives (backward an all-gather, summed within the group) |
+| training step, `synchronized=True` inside control flow (an RNN cell's `tf.while_loop`, `tf.cond`) | none: a ValueError naming the way out (TensorFlow refuses the all-reduce's `merge_call` there: use `synchronized=False` for that layer, or unroll the loop) | (traced as one program: no such limit) |
+| training step, `renorm=True` | 1 per moving variable (averaged as written) | 0 per layer (measured), each device's own batch statistics corrected towards the shared renorm ones; every moving variable averaged as written, in the step's one combined all-reduce |
+| inference step | 0 (inside a replica: its own copy) | 0 (the moving statistics are replicated) |
+| `sync_moving_statistics(model)` (the handover) | 1 for the whole model; afterwards every copy holds the cross-replica mean | not needed, returns 0: every device holds the same moving statistics after every step |
+| a read outside the step (`.numpy()`, `get_weights`, checkpoints, `.keras`, SavedModel / `export`) | 0 across workers; MirroredStrategy: the mean of the copies; MultiWorkerMirroredStrategy: this worker's first copy, the cross-replica mean as of the last handover | 0: the cross-device mean as of the last step, on every process |
 
-So the moving statistics are per-replica ("on_read") variables: each replica
-updates and reads its own copy with no traffic, which keeps inference a local
-computation wherever a layer can run (RNN cells, control flow, nested
-`tf.function`s, `inference_function`). The copies drift apart during training,
-as the stock layer's do; `sync_moving_statistics` sets them all to their mean,
-which, the moving average being linear, is exactly the moving average of the
-replicas' mean statistics. `kerasbn.callbacks.SyncMovingStatistics` makes that
-handover at epoch end, test begin, predict begin and train end.
+Keras has no distribution API on the torch backend: there the layer
+normalizes the batch it is given, with no collective and nothing to hand over
+(on several GPUs under torch's own DDP, each process's batch statistics).
+
+So on TensorFlow the moving statistics are per-replica ("on_read")
+variables: each replica updates and reads its own copy with no traffic, which
+keeps inference a local computation wherever a layer can run (RNN cells,
+control flow, nested `tf.function`s, `inference_function`). The copies drift
+apart during training, as the stock layer's do; `sync_moving_statistics` sets
+them all to their mean, which, the moving average being linear, is exactly
+the moving average of the replicas' mean statistics.
+`kerasbn.callbacks.SyncMovingStatistics` makes that handover at epoch end,
+test begin, predict begin and train end. On JAX the variables stay
+replicated, as `keras.distribution` makes them: the step writes the mean of
+the devices' statistics (the same value the handover would give), off the
+forward and backward path, so the handover and the callback have nothing to
+do there.
 
 Which calls every worker must make: under `MultiWorkerMirroredStrategy` a
 collective needs every worker, so `sync_moving_statistics` (and anything that
 steps the model under `strategy.run`) must run on every worker; a worker left
 alone raises within `timeout_seconds`, when one is given, instead of waiting
-forever. Reads and saves never are collectives here, so
-`if chief: model.save(...)` returns at once.
+forever. On JAX with several processes every process runs every training
+step. Reads and saves never are kerasbn collectives, so
+`if chief: model.save(...)` returns at once on TensorFlow; on JAX, Keras
+3.15's `.keras` saving itself creates a variable (a throwaway optimizer),
+which under a multi-process distribution is a cross-process check that waits
+for the other processes: the chief saves outside the distribution
+(`keras.distribution.set_distribution(None)` around `model.save`, then
+restore it).
 
 Where the code lives, each module importing only those below it:
-`kerasbn/replicas.py` holds the per-layer primitives the layer calls inside a
-replica (`cross_replica_moments`, the variables' aggregation); this module,
-above the layer, the model-level handover; `kerasbn/diagnostics.py` the call
-counter that checks this table (`count_cross_replica_calls`).
+`kerasbn/replicas.py` (TensorFlow) and `kerasbn/sharding.py` (JAX) hold the
+per-layer primitives the layer calls (`cross_replica_moments`; `per_device`,
+`synchronized_moments`); this module, above the layer, the model-level
+handover; `kerasbn/diagnostics.py` the counters that check this table
+(`count_cross_replica_calls`, `count_hlo_collectives`).
 
-TensorFlow is imported lazily (`kerasbn.backend.tensorflow`), so `kerasbn`
-imports this module on every backend; on JAX there is no `tf.distribute`,
-arrays sharded by `keras.distribution` are global, and every function here is
-a no-op or raises a clear error.
+TensorFlow is imported lazily (`kerasbn.backend.tensorflow`) and JAX only in
+`kerasbn/sharding.py`'s functions, so `kerasbn` imports this module on every
+backend; off TensorFlow every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -114,8 +134,10 @@ def sync_moving_statistics(model, strategy=None, timeout_seconds: Optional[float
 
     Returns:
         The number of layers whose copies were averaged (0 where there is
-        nothing to do: no multi-replica strategy, another backend, or no
-        kerasbn.BatchNorm without renorm).
+        nothing to do: no multi-replica strategy, or no kerasbn.BatchNorm
+        without renorm; always 0 on JAX, where `keras.distribution` keeps
+        one replicated copy that every step writes the devices' mean to, and
+        on torch, which has no distribution API in Keras).
 
     Raises:
         ValueError: for a negative `timeout_seconds`, or a model built outside

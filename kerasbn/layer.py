@@ -10,6 +10,7 @@ reached only on the TensorFlow backend.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -27,6 +28,7 @@ from kerasbn.replicas import (
     synchronized_fused_batch_norm,
     synchronized_moments,
 )
+from kerasbn import sharding
 from kerasbn.fused import fused_affine_nhwc, fused_batch_norm_training
 from kerasbn.plan import FUSED_DTYPES, Plan
 from kerasbn.validation import (
@@ -73,7 +75,10 @@ class BatchNorm(keras.layers.Layer):
       computes the global batch's statistics (or a group's of
       `sync_group_size` replicas) with one all-reduce forward and one
       backward, exact also when replicas hold different numbers of examples,
-      on TensorFlow's fused kernels where the plan takes them.
+      on TensorFlow's fused kernels where the plan takes them. On JAX under
+      `keras.distribution` each device normalizes its own slice with no
+      collective per layer, or the global batch with one all-gather forward
+      and one all-reduce backward (`synchronized=True`).
       `kerasbn/distributed.py` states the contract.
     * **Several feature axes**: `axis` may be a list, e.g. `[1, 3]`.
     * **Ghost batch norm**: `virtual_batch_size` normalizes sub-batches of
@@ -109,10 +114,12 @@ class BatchNorm(keras.layers.Layer):
         renorm_momentum: Momentum of the renorm statistics.
         synchronized: If True, compute batch statistics over the global batch
             of all replicas (TensorFlow `tf.distribute`: one all-reduce
-            forward, one backward per layer). On JAX, arrays sharded by
-            `keras.distribution` are global already. Not inside control
-            flow under a strategy (an RNN cell's loop, a `tf.cond`): the
-            all-reduce raises a ValueError there; use False for such layers.
+            forward, one backward per layer; JAX under `keras.distribution`:
+            one all-gather forward, one all-reduce backward). If False, each
+            replica or device uses its own batch statistics, with no
+            collective. On TensorFlow not inside control flow under a
+            strategy (an RNN cell's loop, a `tf.cond`): the all-reduce raises
+            a ValueError there; use False for such layers.
         virtual_batch_size: Optional positive integer; the batch is split into
             sub-batches of this size, each normalized with its own statistics
             (the moving averages take their mean). Must divide the batch.
@@ -121,7 +128,8 @@ class BatchNorm(keras.layers.Layer):
             see `kerasbn/plan.py`), True (require it: an error where it cannot run, e.g.
             with a mask) or False (never use it).
         sync_group_size: Optional positive integer, with `synchronized=True`
-            only (TensorFlow): consecutive replicas in groups of this size
+            only: consecutive replicas (on JAX, devices along the batch axis
+            of the distribution's mesh) in groups of this size
             share statistics (replicas 0 to k - 1, k to 2k - 1, ...), as
             PyTorch's `SyncBatchNorm(process_group=...)` and apex's
             `group_size`; at the same 2 cross-replica calls per step. It must
@@ -401,7 +409,35 @@ class BatchNorm(keras.layers.Layer):
             return self._finish_training(inputs, bn_ops.apply_affine_widened(wide, a, b), mean, variance)
 
         x = ops.cast(inputs, dtype)
-        rank = len(inputs.shape)
+        params = [self.gamma, self.beta] + ([self.renorm_mean, self.renorm_stddev] if self.renorm else [None, None])
+        devices = sharding.data_axis(inputs.shape[0])
+        if devices is None:
+            outputs, mean, variance, count = self._normalize_batch(x, mask, *params)
+            fresh = None if count is None else ops.all(count > 0)
+            return self._finish_training(inputs, outputs, mean, variance, fresh=fresh)
+        # JAX under keras.distribution: each device normalizes its own slice of
+        # the global batch (kerasbn/sharding.py); the moving averages take the
+        # mean of the devices' statistics.
+        outputs, means, variances = sharding.per_device(
+            functools.partial(self._normalize_batch, devices=devices),
+            devices,
+            batch=[x, mask],
+            replicated=[None if p is None else ops.convert_to_tensor(p) for p in params],
+        )
+        mean, variance = ops.mean(means, axis=0), ops.mean(variances, axis=0)
+        return self._finish_training(inputs, outputs, mean, variance)
+
+    def _normalize_batch(self, x, mask, gamma, beta, renorm_mean, renorm_stddev, devices=None):
+        """The generic training path on `x` (the statistics dtype): `(outputs, mean, variance, count)`.
+
+        `count` is None, or for TensorFlow's synchronized statistics the
+        group's example count per statistic (see `_finish_training`).
+
+        `devices` (a `kerasbn.sharding.DataAxis`) is set where this runs on one
+        device's slice of a global batch (`kerasbn.sharding.per_device`).
+        """
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        rank = len(x.shape)
         axes = bn_ops.reduction_axes(rank, self._feature_axes)
         shift = 0
         if self.virtual_batch_size is not None:
@@ -410,12 +446,10 @@ class BatchNorm(keras.layers.Layer):
             x, mask = self._split_virtual_batches(x, mask)
             axes = tuple(a + 1 for a in axes)
             rank, shift = rank + 1, 1
-        mean, variance, count = self._batch_moments(x, axes, mask)
-        gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
+        mean, variance, count = self._batch_moments(x, axes, mask, devices)
+        gamma, beta = self._broadcast(rank, gamma, beta, dtype=dtype, shift=shift)
         if self.renorm:
-            renorm_mean, renorm_stddev = self._broadcast(
-                rank, self.renorm_mean, self.renorm_stddev, dtype=dtype, shift=shift
-            )
+            renorm_mean, renorm_stddev = self._broadcast(rank, renorm_mean, renorm_stddev, dtype=dtype, shift=shift)
             gamma, beta = bn_ops.renorm_affine(
                 mean, variance, renorm_mean, renorm_stddev, gamma, beta, self.epsilon, self.renorm_clipping
             )
@@ -424,8 +458,7 @@ class BatchNorm(keras.layers.Layer):
             # The moving averages take the mean over the virtual batches.
             mean = ops.mean(mean, axis=0)
             variance = ops.mean(variance, axis=0)
-        fresh = None if count is None else ops.all(count > 0)
-        return self._finish_training(inputs, outputs, mean, variance, fresh=fresh)
+        return outputs, mean, variance, count
 
     def _finish_training(self, inputs, outputs, mean, variance, fresh=None):
         """The tail every training path shares: the moving-average update, then the outputs
@@ -445,8 +478,12 @@ class BatchNorm(keras.layers.Layer):
             outputs = ops.reshape(outputs, ops.shape(inputs))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _batch_moments(self, x, axes, mask):
-        """`(mean, variance, count)`: count per statistic for synchronized ones (see `_finish_training`), else None."""
+    def _batch_moments(self, x, axes, mask, devices=None):
+        """`(mean, variance, count)`: count per statistic for TensorFlow's synchronized ones (see
+        `_finish_training`), else None."""
+        if self.synchronized and devices is not None:
+            groups = sharding.replica_groups(devices, self.sync_group_size)
+            return (*sharding.synchronized_moments(x, axes, mask, axis_name=devices.name, groups=groups), None)
         if self.synchronized and is_tensorflow():
             return synchronized_moments(x, axes, mask=mask, keepdims=True, group_size=self.sync_group_size)
         return (*bn_ops.moments(x, axes, mask=mask, keepdims=True), None)
@@ -674,7 +711,7 @@ class BatchNorm(keras.layers.Layer):
 
 
 def _validate_sync_group_size(size, synchronized: bool) -> Optional[int]:
-    """`sync_group_size` as a positive int or None; only with `synchronized=True`, on TensorFlow."""
+    """`sync_group_size` as a positive int or None; only with `synchronized=True`."""
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -684,7 +721,6 @@ def _validate_sync_group_size(size, synchronized: bool) -> Optional[int]:
             "`sync_group_size` groups the replicas that share synchronized statistics: it needs "
             f"`synchronized=True`. Received: sync_group_size={size}, synchronized=False"
         )
-    require_tensorflow("`sync_group_size` (tf.distribute replica groups)", received=f"sync_group_size={size}")
     return size
 
 

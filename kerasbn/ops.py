@@ -288,3 +288,25 @@ def reduction_axes(rank: int, feature_axes: Sequence[int]) -> Tuple[int, ...]:
 
 def cast_optional(value, dtype) -> Optional[object]:
     return None if value is None else ops.cast(value, dtype)
+
+
+def combine_moments(counts, means, m2s, axis: int = 0) -> Tuple[object, object, object]:
+    """Chan et al.'s parallel formula: the (count, mean, M2) of several parts, combined along `axis`.
+
+    Each part holds `count` values with mean `mean` and sum of squared
+    deviations from that mean `M2`; the whole has
+
+        N = sum n_i,  mean = sum n_i mean_i / N,
+        M2 = sum M2_i + sum n_i (mean_i - mean)^2
+
+    exactly, with no `E[x^2] - E[x]^2` cancellation. Parts without values
+    (count 0) contribute nothing; a whole without values gets mean 0 and M2 0.
+
+    Returns:
+        `(N, mean, M2)`, reduced over `axis`.
+    """
+    total = ops.sum(counts, axis=axis)
+    safe_total = ops.maximum(total, ops.cast(1.0, total.dtype))
+    mean = ops.sum(counts * means, axis=axis) / safe_total
+    m2 = ops.sum(m2s, axis=axis) + ops.sum(counts * ops.square(means - ops.expand_dims(mean, axis)), axis=axis)
+    return total, mean, m2

@@ -16,20 +16,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_distributed import _free_ports, _load, _tail, _worker_env
+from _procs import kill_group, logs, run_python, start_python, tf_configs
+from test_distributed import DIST_ENV, _load
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is None, reason="tf.distribute tests need TensorFlow installed"
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_sync_worker.py")
 WORKER_TIMEOUT_S = 900
 
@@ -49,14 +47,7 @@ FLOAT32_TOL = dict(rtol=1e-5, atol=1e-5)
 def mirrored4(tmp_path_factory):
     """Results of one MirroredStrategy process with 4 logical CPU replicas."""
     out = tmp_path_factory.mktemp("sync4") / "results.npz"
-    args = [sys.executable, str(WORKER), "mirrored", "--replicas", "4", "--out", str(out)]
-    try:
-        proc = subprocess.run(args, env=_worker_env(), cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"sync worker timed out after {WORKER_TIMEOUT_S}s\n{_tail(error.stdout)}\n{_tail(error.stderr)}")
-    if proc.returncode != 0:
-        pytest.fail(f"sync worker exited with {proc.returncode}\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
+    proc = run_python([WORKER, "mirrored", "--replicas", "4", "--out", out], env=DIST_ENV, timeout=WORKER_TIMEOUT_S)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
     results = _load(out)
     assert int(results["num_replicas"]) == 4
@@ -238,27 +229,18 @@ def test_sync_group_size_argument():
 def test_multi_worker_synchronized_fused_and_groups(tmp_path):
     """Two workers on 127.0.0.1: the fused and generic paths, across both and in groups of 1, against float64."""
     workers = 2
-    addresses = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
-    processes, logs = [], []
+    processes = []
     try:
-        for index in range(workers):
-            env = _worker_env()
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
-            log = open(tmp_path / f"worker{index}.log", "wb")
-            logs.append(log)
-            command = ["timeout", "-k", "5", "600", sys.executable, str(WORKER), "multi-worker",
-                       "--out", str(tmp_path / f"worker{index}.npz")]
-            processes.append(subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
+        for index, config in enumerate(tf_configs(workers)):
+            args = [WORKER, "multi-worker", "--out", tmp_path / f"worker{index}.npz"]
+            processes.append(start_python(args, tmp_path / f"worker{index}", env={**DIST_ENV, "TF_CONFIG": config},
+                                          timeout=600, merge_stderr=True))
         codes = [process.wait(timeout=620) for process in processes]
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-        for log in logs:
-            log.close()
+            kill_group(process)
     if any(codes):
-        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{_tail((tmp_path / f'worker{i}.log').read_bytes())}"
+        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{logs(tmp_path / f'worker{i}', 6000)}"
                            for i, code in enumerate(codes))
         pytest.fail(f"MultiWorkerMirroredStrategy workers failed (124/137: timed out)\n{output}")
     merged = {}
