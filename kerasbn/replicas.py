@@ -188,17 +188,11 @@ def _local_rows(x, axes, keep=None):
 def _combine(rows):
     """`(count, mean, variance)` of the union of the replicas whose rows `(replicas, 3, ...)` these are.
 
-    Chan et al.'s parallel formula, exact (no `E[x^2] - E[x]^2` cancellation):
-    N = sum n_i, mean = sum n_i mean_i / N, M2 = sum M2_i + sum n_i (mean_i - mean)^2.
-    A group without examples gets mean 0 and variance 0.
+    Chan et al.'s parallel formula (`kerasbn.ops.combine_moments`); a group
+    without examples gets mean 0 and variance 0.
     """
-    tf = tensorflow()
-    counts, means, m2s = rows[:, 0], rows[:, 1], rows[:, 2]
-    total = tf.reduce_sum(counts, axis=0)
-    safe_total = tf.maximum(total, 1.0)
-    mean = tf.reduce_sum(counts * means, axis=0) / safe_total
-    m2 = tf.reduce_sum(m2s, axis=0) + tf.reduce_sum(counts * tf.square(means - mean), axis=0)
-    return total, mean, m2 / safe_total
+    total, mean, m2 = bn_ops.combine_moments(rows[:, 0], rows[:, 1], rows[:, 2], axis=0)
+    return total, mean, m2 / tensorflow().maximum(total, 1.0)
 
 
 def cross_replica_moments(
