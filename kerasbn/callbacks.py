@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Iterable, Optional
 
@@ -17,16 +16,7 @@ from keras.src.utils import io_utils
 
 from kerasbn.distributed import DEFAULT_TIMEOUT_SECONDS, sync_moving_statistics
 from kerasbn.statistics import batch_norm_layers, recompute_statistics
-
-
-def _positive_int(value, name: str, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    # bool is an int subclass, and True epochs or batches is a bug, not a count.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        expected = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
-    return int(value)
+from kerasbn.validation import validate_positive_int
 
 
 class SyncMovingStatistics(keras.callbacks.Callback):
@@ -161,8 +151,8 @@ class PreciseBN(keras.callbacks.Callback):
     ):
         super().__init__()
         self.dataset = dataset
-        self.num_batches = _positive_int(num_batches, "num_batches")
-        self.every_n_epochs = _positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
+        self.num_batches = validate_positive_int("num_batches", num_batches)
+        self.every_n_epochs = validate_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
         self.verbose = verbose
         self._in_fit = False
         self._epoch = None

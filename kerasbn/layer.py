@@ -27,8 +27,8 @@ from kerasbn.validation import (
     validate_axis,
     validate_epsilon,
     validate_momentum,
+    validate_positive_int,
     validate_renorm_clipping,
-    validate_virtual_batch_size,
 )
 
 
@@ -170,7 +170,7 @@ class BatchNorm(keras.layers.Layer):
         self.renorm_clipping = validate_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
         self.renorm_momentum = validate_momentum("renorm_momentum", renorm_momentum)
         self.synchronized = bool(synchronized)
-        self.virtual_batch_size = validate_virtual_batch_size(virtual_batch_size)
+        self.virtual_batch_size = validate_positive_int("virtual_batch_size", virtual_batch_size, allow_none=True)
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
         if fused:

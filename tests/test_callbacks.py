@@ -241,6 +241,8 @@ def test_tf_data_dataset(rng, capsys):
         ({"num_batches": True}, "`num_batches` must be a positive integer. Received: num_batches=True"),
         ({"num_batches": None}, "`num_batches` must be a positive integer. Received: num_batches=None"),
         ({"num_batches": "5"}, "`num_batches` must be a positive integer. Received: num_batches='5'"),
+        ({"num_batches": np.float64(2.0)}, "`num_batches` must be a positive integer. Received: num_batches=np.float64(2.0)"),
+        ({"num_batches": np.int64(0)}, "`num_batches` must be a positive integer. Received: num_batches=np.int64(0)"),
         (
             {"num_batches": 2, "every_n_epochs": 0},
             "`every_n_epochs` must be a positive integer or None. Received: every_n_epochs=0",
