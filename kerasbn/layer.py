@@ -352,7 +352,17 @@ class BatchNorm(keras.layers.Layer):
             x = inputs if keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES else ops.cast(inputs, dtype)
             if len(inputs.shape) != 4:
                 x = ops.reshape(x, (-1, 1, 1, inputs.shape[-1]))
+            # The kernel's sums lose digits for float32 inputs far from zero as any others
+            # (kerasbn.ops.deviations): it takes deviations from the first example's values.
+            # 16-bit inputs go as they are: the kernel accumulates them in float32, and a
+            # 16-bit subtraction would round what it is given.
+            pivot = None
+            if keras.backend.standardize_dtype(x.dtype) == "float32":
+                pivot = bn_ops.first_values(x, (0, 2, 3) if plan.layout == "NCHW" else (0, 1, 2))
+                x = x - pivot
             outputs, mean, variance = fused_batch_norm_training(x, self.gamma, self.beta, self.epsilon, plan.layout)
+            if pivot is not None:
+                mean = ops.reshape(pivot, (-1,)) + mean
             return self._finish_training(inputs, outputs, mean, variance)
 
         if plan.path == "widened":
@@ -360,10 +370,11 @@ class BatchNorm(keras.layers.Layer):
             # (rows / k, k * channels) view, which vectorizes (see ops.widen_factor).
             channels = inputs.shape[-1]
             wide = ops.reshape(ops.cast(inputs, dtype), (-1, plan.widen * channels))
-            mean, variance = bn_ops.widened_moments(wide, channels)
+            stats = bn_ops.widened_deviations(wide, channels)
             gamma, beta = (bn_ops.cast_optional(p, dtype) for p in (self.gamma, self.beta))
-            a, b = bn_ops.fold_affine(mean, variance, gamma, beta, self.epsilon)
-            return self._finish_training(inputs, bn_ops.apply_affine_widened(wide, a, b), mean, variance)
+            a, b = bn_ops.fold_affine(stats.mean, stats.variance, gamma, beta, self.epsilon)
+            outputs = bn_ops.apply_affine_widened(stats.deviations, a, b)
+            return self._finish_training(inputs, outputs, stats.pivot + stats.mean, stats.variance)
 
         x = ops.cast(inputs, dtype)
         rank = len(inputs.shape)
@@ -375,7 +386,8 @@ class BatchNorm(keras.layers.Layer):
             x, mask = self._split_virtual_batches(x, mask)
             axes = tuple(a + 1 for a in axes)
             rank, shift = rank + 1, 1
-        mean, variance = self._batch_moments(x, axes, mask)
+        stats = self._batch_moments(x, axes, mask)
+        mean, variance = stats.pivot + stats.mean, stats.variance
         gamma, beta = self._broadcast(rank, self.gamma, self.beta, dtype=dtype, shift=shift)
         if self.renorm:
             renorm_mean, renorm_stddev = self._broadcast(
@@ -384,7 +396,8 @@ class BatchNorm(keras.layers.Layer):
             gamma, beta = bn_ops.renorm_affine(
                 mean, variance, renorm_mean, renorm_stddev, gamma, beta, self.epsilon, self.renorm_clipping
             )
-        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
+        # The deviations from the pivot: the normalized outputs keep their digits too.
+        outputs = bn_ops.normalize(stats.deviations, stats.mean, variance, gamma, beta, self.epsilon)
         if shift:
             # The moving averages take the mean over the virtual batches.
             mean = ops.mean(mean, axis=0)
@@ -405,10 +418,16 @@ class BatchNorm(keras.layers.Layer):
             outputs = ops.reshape(outputs, ops.shape(inputs))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _batch_moments(self, x, axes, mask):
-        if self.synchronized and is_tensorflow():
-            return cross_replica_moments(x, axes, mask=mask, keepdims=True)
-        return bn_ops.moments(x, axes, mask=mask, keepdims=True)
+    def _batch_moments(self, x, axes, mask) -> bn_ops.Deviations:
+        """The batch statistics (reduced axes kept) as `kerasbn.ops.deviations` from a pivot.
+
+        Across replicas the pivot is 0: the global statistics come from
+        `cross_replica_moments`, and a second pivot would cost a collective.
+        """
+        if self._cross_replica():
+            mean, variance = cross_replica_moments(x, axes, mask=mask, keepdims=True)
+            return bn_ops.Deviations(0.0, x, mean, variance)
+        return bn_ops.deviations(x, axes, mask)
 
     def _split_virtual_batches(self, x, mask):
         size = self.virtual_batch_size
