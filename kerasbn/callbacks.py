@@ -8,25 +8,17 @@
 
 from __future__ import annotations
 
-import numbers
+import hashlib
 import time
 from typing import Iterable, Optional
 
 import keras
+import numpy as np
 from keras.src.utils import io_utils
 
 from kerasbn.distributed import sync_moving_statistics
 from kerasbn.statistics import batch_norm_layers, recompute_statistics
-
-
-def _positive_int(value, name: str, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    # bool is an int subclass, and True epochs or batches is a bug, not a count.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        expected = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
-    return int(value)
+from kerasbn.validation import validate_positive_int
 
 
 class SyncMovingStatistics(keras.callbacks.Callback):
@@ -95,8 +87,12 @@ class PreciseBN(keras.callbacks.Callback):
     When it runs:
 
     * At the end of training (`on_train_end`), unless the statistics were
-      already recomputed after the last training step (as when the last
-      epoch is one of the `every_n_epochs`).
+      already recomputed with the trainable weights the model holds then
+      (as when the last epoch is one of the `every_n_epochs` and nothing
+      changed the weights since). A fingerprint of the trainable weights
+      taken at each recomputation tells: weights restored by an earlier
+      callback (`EarlyStopping(restore_best_weights=True)` sets them in its
+      own `on_train_end`) get statistics of their own.
     * If `every_n_epochs` is given, after the training steps of every N-th
       epoch (epochs N, 2N, ... counting from 1, the convention of `fit`'s
       `validation_freq`) and before that epoch's validation, so that the
@@ -112,6 +108,14 @@ class PreciseBN(keras.callbacks.Callback):
       length, a callback can stop the epoch early, and on the JAX backend
       the model's variables are only written back after the epoch's last
       step. A stand-alone `evaluate` (outside `fit`) is left alone.
+
+    Callback order: Keras calls callbacks in list order, hook by hook. List
+    `PreciseBN` after the callbacks that set weights when training ends
+    (`EarlyStopping(restore_best_weights=True)`), whose restored weights it
+    then recomputes for, and before those that save at the end of an epoch
+    (`ModelCheckpoint`, `BackupAndRestore`): in an epoch without validation
+    the recomputation happens in `on_epoch_end`, and a checkpoint listed
+    first would save the statistics from before it.
 
     Both backends work: on JAX, `fit` has synced its state back into the
     model's variables before each of these hooks, and `evaluate` reads them
@@ -152,7 +156,11 @@ class PreciseBN(keras.callbacks.Callback):
         train,
         epochs=20,
         validation_data=(x_val, y_val),
-        callbacks=[kerasbn.callbacks.PreciseBN(precise, num_batches=50, every_n_epochs=5)],
+        callbacks=[
+            keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True),
+            kerasbn.callbacks.PreciseBN(precise, num_batches=50, every_n_epochs=5),
+            keras.callbacks.ModelCheckpoint("model.keras"),
+        ],
     )
     ```
     """
@@ -166,20 +174,20 @@ class PreciseBN(keras.callbacks.Callback):
     ):
         super().__init__()
         self.dataset = dataset
-        self.num_batches = _positive_int(num_batches, "num_batches")
-        self.every_n_epochs = _positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
+        self.num_batches = validate_positive_int("num_batches", num_batches)
+        self.every_n_epochs = validate_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
         self.verbose = verbose
         self._in_fit = False
         self._epoch = None
         self._due = False  # this epoch is one of the every_n_epochs, not yet recomputed
-        self._fresh = False  # recomputed after the last training step
+        self._fingerprint = None  # of the trainable weights at the last recomputation
 
     def recompute(self, when: str) -> int:
         """Recomputes the statistics now and prints the progress line; returns the batches used."""
         start = time.perf_counter()
         used = recompute_statistics(self.model, self.dataset, self.num_batches)
         elapsed = time.perf_counter() - start
-        self._fresh = True
+        self._fingerprint = self._weights_fingerprint()
         if self.verbose:
             count = sum(layer.trainable for layer in batch_norm_layers(self.model))
             layers = "layer" if count == 1 else "layers"
@@ -190,14 +198,20 @@ class PreciseBN(keras.callbacks.Callback):
             )
         return used
 
+    def _weights_fingerprint(self) -> bytes:
+        """A digest of the trainable weights' values: equal digests, the same weights."""
+        digest = hashlib.blake2b(digest_size=16)
+        for variable in self.model.trainable_weights:
+            digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
+        return digest.digest()
+
     def on_train_begin(self, logs=None):
         self._in_fit = True
         self._due = False
-        self._fresh = False
+        self._fingerprint = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._fresh = False
         self._due = self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
     def on_test_begin(self, logs=None):
@@ -213,5 +227,5 @@ class PreciseBN(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._in_fit = False
         self._due = False
-        if not self._fresh:
+        if self._fingerprint != self._weights_fingerprint():
             self.recompute("end of training")

@@ -35,8 +35,8 @@ from kerasbn.validation import (
     validate_axis,
     validate_epsilon,
     validate_momentum,
+    validate_positive_int,
     validate_renorm_clipping,
-    validate_virtual_batch_size,
 )
 
 
@@ -198,7 +198,7 @@ class BatchNorm(keras.layers.Layer):
         self.renorm_clipping = validate_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
         self.renorm_momentum = validate_momentum("renorm_momentum", renorm_momentum)
         self.synchronized = bool(synchronized)
-        self.virtual_batch_size = validate_virtual_batch_size(virtual_batch_size)
+        self.virtual_batch_size = validate_positive_int("virtual_batch_size", virtual_batch_size, allow_none=True)
         if self.synchronized and self.virtual_batch_size is not None:
             # Ghost batch g of every replica would share statistics: sub-batches of
             # virtual_batch_size x replicas, not of virtual_batch_size, and no
@@ -395,7 +395,17 @@ class BatchNorm(keras.layers.Layer):
                     x, self.gamma, self.beta, self.epsilon, plan.layout, self.sync_group_size
                 )
                 return self._finish_training(inputs, outputs, mean, variance, fresh=count[0] > 0)
+            # The kernel's sums lose digits for float32 inputs far from zero as any others
+            # (kerasbn.ops.deviations): it takes deviations from the first example's values.
+            # 16-bit inputs go as they are: the kernel accumulates them in float32, and a
+            # 16-bit subtraction would round what it is given.
+            pivot = None
+            if keras.backend.standardize_dtype(x.dtype) == "float32":
+                pivot = bn_ops.first_values(x, (0, 2, 3) if plan.layout == "NCHW" else (0, 1, 2))
+                x = x - pivot
             outputs, mean, variance = fused_batch_norm_training(x, self.gamma, self.beta, self.epsilon, plan.layout)
+            if pivot is not None:
+                mean = ops.reshape(pivot, (-1,)) + mean
             return self._finish_training(inputs, outputs, mean, variance)
 
         if plan.path == "widened":
@@ -403,10 +413,11 @@ class BatchNorm(keras.layers.Layer):
             # (rows / k, k * channels) view, which vectorizes (see ops.widen_factor).
             channels = inputs.shape[-1]
             wide = ops.reshape(ops.cast(inputs, dtype), (-1, plan.widen * channels))
-            mean, variance = bn_ops.widened_moments(wide, channels)
+            stats = bn_ops.widened_deviations(wide, channels)
             gamma, beta = (bn_ops.cast_optional(p, dtype) for p in (self.gamma, self.beta))
-            a, b = bn_ops.fold_affine(mean, variance, gamma, beta, self.epsilon)
-            return self._finish_training(inputs, bn_ops.apply_affine_widened(wide, a, b), mean, variance)
+            a, b = bn_ops.fold_affine(stats.mean, stats.variance, gamma, beta, self.epsilon)
+            outputs = bn_ops.apply_affine_widened(stats.deviations, a, b)
+            return self._finish_training(inputs, outputs, stats.pivot + stats.mean, stats.variance)
 
         x = ops.cast(inputs, dtype)
         params = [self.gamma, self.beta] + ([self.renorm_mean, self.renorm_stddev] if self.renorm else [None, None])
@@ -446,14 +457,16 @@ class BatchNorm(keras.layers.Layer):
             x, mask = self._split_virtual_batches(x, mask)
             axes = tuple(a + 1 for a in axes)
             rank, shift = rank + 1, 1
-        mean, variance, count = self._batch_moments(x, axes, mask, devices)
+        stats, count = self._batch_moments(x, axes, mask, devices)
+        mean, variance = stats.pivot + stats.mean, stats.variance
         gamma, beta = self._broadcast(rank, gamma, beta, dtype=dtype, shift=shift)
         if self.renorm:
             renorm_mean, renorm_stddev = self._broadcast(rank, renorm_mean, renorm_stddev, dtype=dtype, shift=shift)
             gamma, beta = bn_ops.renorm_affine(
                 mean, variance, renorm_mean, renorm_stddev, gamma, beta, self.epsilon, self.renorm_clipping
             )
-        outputs = bn_ops.normalize(x, mean, variance, gamma, beta, self.epsilon)
+        # The deviations from the pivot: the normalized outputs keep their digits too.
+        outputs = bn_ops.normalize(stats.deviations, stats.mean, variance, gamma, beta, self.epsilon)
         if shift:
             # The moving averages take the mean over the virtual batches.
             mean = ops.mean(mean, axis=0)
@@ -479,14 +492,24 @@ class BatchNorm(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _batch_moments(self, x, axes, mask, devices=None):
-        """`(mean, variance, count)`: count per statistic for TensorFlow's synchronized ones (see
-        `_finish_training`), else None."""
+        """`(stats, count)`: the batch statistics (reduced axes kept) as `kerasbn.ops.deviations`
+        from a pivot, and for TensorFlow's synchronized ones the group's example count per
+        statistic (see `_finish_training`), else None.
+
+        Across replicas or devices the pivot is 0: the global statistics come
+        from one collective of each replica's own (count, mean, M2), and a
+        shared pivot would cost another.
+        """
         if self.synchronized and devices is not None:
             groups = sharding.replica_groups(devices, self.sync_group_size)
-            return (*sharding.synchronized_moments(x, axes, mask, axis_name=devices.name, groups=groups), None)
+            mean, variance = sharding.synchronized_moments(x, axes, mask, axis_name=devices.name, groups=groups)
+            return bn_ops.Deviations(0.0, x, mean, variance), None
         if self.synchronized and is_tensorflow():
-            return synchronized_moments(x, axes, mask=mask, keepdims=True, group_size=self.sync_group_size)
-        return (*bn_ops.moments(x, axes, mask=mask, keepdims=True), None)
+            mean, variance, count = synchronized_moments(
+                x, axes, mask=mask, keepdims=True, group_size=self.sync_group_size
+            )
+            return bn_ops.Deviations(0.0, x, mean, variance), count
+        return bn_ops.deviations(x, axes, mask), None
 
     def _split_virtual_batches(self, x, mask):
         size = self.virtual_batch_size
@@ -712,11 +735,8 @@ class BatchNorm(keras.layers.Layer):
 
 def _validate_sync_group_size(size, synchronized: bool) -> Optional[int]:
     """`sync_group_size` as a positive int or None; only with `synchronized=True`."""
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"`sync_group_size` must be a positive integer or None. Received: sync_group_size={size!r}")
-    if not synchronized:
+    size = validate_positive_int("sync_group_size", size, allow_none=True)
+    if size is not None and not synchronized:
         raise ValueError(
             "`sync_group_size` groups the replicas that share synchronized statistics: it needs "
             f"`synchronized=True`. Received: sync_group_size={size}, synchronized=False"

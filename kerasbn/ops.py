@@ -18,7 +18,7 @@ which equals `gamma * (x - mean) / sqrt(variance + epsilon) + beta`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -41,6 +41,78 @@ def statistics_dtype(dtype) -> str:
     return "float32"
 
 
+class Deviations(NamedTuple):
+    """Inputs as deviations from a per-channel pivot, with their statistics (reduced axes kept).
+
+    The batch mean is `pivot + mean`; `mean` is small, what rounding left of
+    the pivot. `normalize(deviations, mean, variance, ...)` equals
+    `normalize(x, pivot + mean, variance, ...)` and keeps the digits that
+    formula loses for inputs far from zero.
+    """
+
+    pivot: object
+    deviations: object
+    mean: object
+    variance: object
+
+
+def deviations(x, axes: Sequence[int], mask=None) -> Deviations:
+    """Batch statistics of `x` over `axes`, about a pivot: a first estimate of the mean.
+
+    float32 keeps about 7 significant digits: inputs whose mean is 1e5 times
+    their spread keep 2 digits of the spread in the rounded mean, and so in
+    `x - mean` or `x * a + b` with `b = -mean * a`. So the mean is computed
+    twice: the pivot is the plain mean (without gradient), the deviations
+    `x - pivot` are exact where the inputs are far from zero (two floats
+    within a factor 2 of each other subtract without rounding), and their
+    mean recovers what the pivot's rounding lost. The variance is
+    `E[d^2] - E[d]^2` of the deviations `d`, free of cancellation since
+    `E[d]` is tiny beside their spread. The cost over a plain two-pass
+    variance is one reduction.
+
+    Args:
+        x: Input tensor, in the statistics dtype (`statistics_dtype`).
+        axes: The axes to reduce.
+        mask: Optional Keras mask (see `moments`).
+
+    Returns:
+        A `Deviations`.
+    """
+    axes = tuple(axes)
+    if mask is None:
+
+        def mean_of(t):
+            return ops.mean(t, axis=axes, keepdims=True)
+
+    else:
+        keep = ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), axis=-1), ops.shape(x))
+        # An all-masked batch gives mean 0 and variance 0 rather than NaN.
+        count = ops.maximum(ops.sum(ops.cast(keep, x.dtype), axis=axes, keepdims=True), ops.cast(1.0, x.dtype))
+
+        def mean_of(t):
+            # Select, not multiply: padding may hold inf or NaN, and 0 * inf is NaN.
+            return ops.sum(ops.where(keep, t, 0.0), axis=axes, keepdims=True) / count
+
+    pivot = ops.stop_gradient(mean_of(x))
+    d = x - pivot
+    mean = mean_of(d)
+    # relu: rounding must not make the variance of equal values negative.
+    variance = ops.relu(mean_of(ops.square(d)) - ops.square(mean))
+    return Deviations(pivot, d, mean, variance)
+
+
+def first_values(x, axes: Sequence[int]):
+    """The values at the first position along `axes` (kept with length 1), without gradient.
+
+    A pivot for a kernel that computes its own statistics: `x - first_values(x, axes)`
+    costs one pass and no reduction. 0 for an empty batch.
+    """
+    axes = tuple(axes)
+    first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape)))
+    # A sum over the one value (or none): the shape stays right for an empty batch.
+    return ops.stop_gradient(ops.sum(x[first], axis=axes, keepdims=True))
+
+
 def moments(
     x,
     axes: Sequence[int],
@@ -48,6 +120,9 @@ def moments(
     keepdims: bool = False,
 ) -> Tuple[object, object]:
     """Mean and (biased) variance of `x` over `axes`.
+
+    Computed about a pivot (`deviations`), so that inputs far from zero keep
+    their digits.
 
     Args:
         x: Input tensor.
@@ -63,22 +138,8 @@ def moments(
         dtype of `x`. The variance divides by the count (not count - 1).
     """
     axes = tuple(axes)
-    x = ops.cast(x, statistics_dtype(x.dtype))
-    if mask is None:
-        mean = ops.mean(x, axis=axes, keepdims=True)
-        # Two-pass variance: E[(x - mean)^2] keeps its digits where
-        # E[x^2] - E[x]^2 cancels catastrophically for large means.
-        variance = ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True)
-        # The stop_gradient above is exact: d/dmean of sum((x - mean)^2) is
-        # zero at the mean, so it only saves the backward pass some work.
-    else:
-        keep = ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), axis=-1), ops.shape(x))
-        count = ops.sum(ops.cast(keep, x.dtype), axis=axes, keepdims=True)
-        # An all-masked batch gives mean 0 and variance 0 rather than NaN.
-        count = ops.maximum(count, ops.cast(1.0, x.dtype))
-        # Select, not multiply: padding may hold inf or NaN, and 0 * inf is NaN.
-        mean = ops.sum(ops.where(keep, x, 0.0), axis=axes, keepdims=True) / count
-        variance = ops.sum(ops.where(keep, ops.square(x - mean), 0.0), axis=axes, keepdims=True) / count
+    stats = deviations(ops.cast(x, statistics_dtype(x.dtype)), axes, mask)
+    mean, variance = stats.pivot + stats.mean, stats.variance
     if not keepdims:
         mean = ops.squeeze(mean, axis=axes)
         variance = ops.squeeze(variance, axis=axes)
@@ -244,8 +305,8 @@ def widen_factor(rows: int, channels: int, lanes: int = 16) -> int:
     return k
 
 
-def widened_moments(x_wide, channels: int) -> Tuple[object, object]:
-    """Per-channel mean and variance of a widened view.
+def widened_deviations(x_wide, channels: int) -> Deviations:
+    """`deviations` of a widened view, per channel.
 
     Args:
         x_wide: `(rows / k, k * channels)`, column `j` holding channel
@@ -253,7 +314,8 @@ def widened_moments(x_wide, channels: int) -> Tuple[object, object]:
         channels: The number of channels.
 
     Returns:
-        `(mean, variance)` of shape `(channels,)`, equal to `moments` of the
+        A `Deviations` whose `deviations` have the shape of `x_wide` and
+        whose statistics have shape `(channels,)`, equal to those of the
         `(rows, channels)` matrix over axis 0: each of the k column groups
         holds the same number of rows, so the mean of their means is exact.
     """
@@ -262,9 +324,11 @@ def widened_moments(x_wide, channels: int) -> Tuple[object, object]:
     def channel_mean(t):
         return ops.mean(ops.reshape(ops.mean(t, axis=0), (k, channels)), axis=0)
 
-    mean = channel_mean(x_wide)
-    variance = channel_mean(ops.square(x_wide - ops.tile(ops.stop_gradient(mean), (k,))))
-    return mean, variance
+    pivot = ops.stop_gradient(channel_mean(x_wide))
+    d = x_wide - ops.tile(pivot, (k,))
+    mean = channel_mean(d)
+    variance = ops.relu(channel_mean(ops.square(d)) - ops.square(mean))
+    return Deviations(pivot, d, mean, variance)
 
 
 def apply_affine_widened(x_wide, a, b):

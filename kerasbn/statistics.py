@@ -16,6 +16,7 @@ from keras import ops
 
 from kerasbn.backend import is_tensorflow, tensorflow
 from kerasbn.layer import BatchNorm
+from kerasbn.validation import validate_positive_int
 
 
 def batch_norm_layers(model: keras.layers.Layer) -> List[BatchNorm]:
@@ -62,11 +63,11 @@ def recompute_statistics(
         The number of batches used.
 
     Raises:
-        ValueError: for `num_batches < 1`, a model without kerasbn.BatchNorm
-            layers, or an empty dataset.
+        ValueError: for a `num_batches` that is neither a positive integer
+            nor None, a model without kerasbn.BatchNorm layers, or an empty
+            dataset.
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
-        raise ValueError(f"`num_batches` must be a positive integer or None. Received: num_batches={num_batches!r}")
+    num_batches = validate_positive_int("num_batches", num_batches, allow_none=True)
     layers = [layer for layer in batch_norm_layers(model) if layer.trainable]
     if not layers:
         raise ValueError(

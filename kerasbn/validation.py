@@ -1,12 +1,14 @@
-"""Argument checks shared by kerasbn's layers.
+"""Argument checks shared by kerasbn's layers, callbacks and functions.
 
-Each returns the value normalized (a float, a list) or raises a ValueError
+Each returns the value normalized (a float, a list, an int) or raises a ValueError
 that names the argument in backticks and ends with what it received.
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
+
+import numpy as np
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -35,13 +37,19 @@ def validate_momentum(name: str, value) -> float:
     return float(value)
 
 
-def validate_virtual_batch_size(size) -> Optional[int]:
-    """`virtual_batch_size` as a positive int, or None."""
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(
-            f"`virtual_batch_size` must be a positive integer or None. Received: virtual_batch_size={size!r}"
-        )
-    return size
+def validate_positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
+    """A positive integer argument as a Python int (None passes where `allow_none`); `name` is the argument's.
+
+    One rule for every count kerasbn takes: Python and NumPy integers; not
+    bools (True batches is a bug, not a count), not floats (2.0 included,
+    as `range` rejects it), not strings.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
+    return int(value)
 
 
 def validate_renorm_clipping(clipping: Optional[dict]) -> Optional[dict]:

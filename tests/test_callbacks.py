@@ -218,6 +218,50 @@ def test_stand_alone_evaluate_and_verbose_zero(rng, capsys):
     _assert_population(_weights(model), batches[:2])
 
 
+def test_recomputes_for_weights_restored_by_early_stopping(rng, capsys):
+    """EarlyStopping listed first restores epoch 1's weights in its on_train_end, after PreciseBN
+    recomputed for epoch 2's: PreciseBN's on_train_end sees other weights and recomputes for them."""
+    keras.utils.set_random_seed(6)
+    model = _model()
+    x, y = _data(rng, 48)
+    batches = _precise_batches(rng)
+    recorder = Recorder(["epoch_end"])
+    # The training loss falls, so mode="max" makes epoch 1 the best, whose weights are restored.
+    stopping = keras.callbacks.EarlyStopping(monitor="loss", mode="max", patience=5, restore_best_weights=True)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        verbose=0,
+        callbacks=[stopping, PreciseBN(batches, num_batches=3, every_n_epochs=2), recorder],
+    )
+    assert stopping.best_epoch == 0
+    assert _lines(capsys) == ["epoch 2", "end of training"]
+    final, epoch_1 = _weights(model), recorder.at("epoch_end", 1)
+    for name in ("dense/kernel", "dense/bias", "head/kernel"):
+        np.testing.assert_array_equal(final[name], epoch_1[name], err_msg=name)
+    _assert_not_population(epoch_1, batches, "epoch 1's own statistics were already the reference")
+    _assert_population(recorder.at("epoch_end", 2), batches, "epoch 2")
+    _assert_population(final, batches, "restored weights")
+
+
+def test_checkpoint_listed_after_saves_recomputed_statistics(rng, tmp_path):
+    """An epoch without validation recomputes in on_epoch_end: a ModelCheckpoint listed after sees the result."""
+    keras.utils.set_random_seed(7)
+    model = _model()
+    x, y = _data(rng, 32)
+    batches = _precise_batches(rng)
+    path = tmp_path / "model.weights.h5"
+    checkpoint = keras.callbacks.ModelCheckpoint(str(path), save_weights_only=True)
+    model.fit(
+        x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PreciseBN(batches, 3, every_n_epochs=1, verbose=0), checkpoint]
+    )
+    saved = _model()
+    saved.load_weights(str(path))
+    _assert_population(_weights(saved), batches)
+
+
 @tf_only
 def test_tf_data_dataset(rng, capsys):
     import tensorflow as tf
@@ -242,6 +286,8 @@ def test_tf_data_dataset(rng, capsys):
         ({"num_batches": True}, "`num_batches` must be a positive integer. Received: num_batches=True"),
         ({"num_batches": None}, "`num_batches` must be a positive integer. Received: num_batches=None"),
         ({"num_batches": "5"}, "`num_batches` must be a positive integer. Received: num_batches='5'"),
+        ({"num_batches": np.float64(2.0)}, "`num_batches` must be a positive integer. Received: num_batches=np.float64(2.0)"),
+        ({"num_batches": np.int64(0)}, "`num_batches` must be a positive integer. Received: num_batches=np.int64(0)"),
         (
             {"num_batches": 2, "every_n_epochs": 0},
             "`every_n_epochs` must be a positive integer or None. Received: every_n_epochs=0",
