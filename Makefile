@@ -11,7 +11,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 # The tests of the backend-agnostic core (keras.ops math, the layer, transforms, callbacks): `make test`
 # runs them under TensorFlow with the rest, then again under each other backend.
-BACKEND_TESTS := tests/test_ops.py tests/test_layer_compiled.py tests/test_layer_errors.py tests/test_layer_masks_dtypes.py tests/test_layer_parity.py tests/test_layer_plan.py tests/test_layer_recompute.py tests/test_layer_renorm_ghost.py tests/test_layer_serialization.py tests/test_transforms.py tests/test_experimental.py tests/test_callbacks.py
+BACKEND_TESTS := tests/test_ops.py tests/test_properties.py tests/test_validation.py tests/test_layer_compiled.py tests/test_layer_errors.py tests/test_layer_masks_dtypes.py tests/test_layer_parity.py tests/test_layer_plan.py tests/test_layer_recompute.py tests/test_layer_renorm_ghost.py tests/test_layer_serialization.py tests/test_transforms.py tests/test_experimental.py tests/test_callbacks.py
 
 .PHONY: train test test-slow bench tune exercises export docs data clean
 
