@@ -1,12 +1,9 @@
-"""A from-scratch batch norm, the way a reader of the source text first writes one.
+"""A from-scratch batch norm, the way a reader of the source text first writes one: the benchmark's baseline.
 
-The text's TensorFlow version computes the batch moments with
-`tf.reduce_mean`, keeps moving averages with momentum 0.9 by assigning to the
-variables, and normalizes with a separate function. This is that design in
-Keras 3 (variables created in `build`, `variable.assign`), with an `axis`
-argument so that it also runs on NCHW inputs. It is the baseline the
-benchmark measures the other implementations against; it is not part of
-the `kerasbn` package.
+The text's TensorFlow version computes the batch moments with `tf.reduce_mean`,
+keeps moving averages by assigning to the variables, and normalizes with a
+separate function. This is that design in Keras 3, with an `axis` argument so
+that it also runs on NCHW inputs. It is not part of the `kerasbn` package.
 """
 
 from __future__ import annotations
@@ -22,16 +19,10 @@ def scratch_batch_norm(x, gamma, beta, mean, variance, epsilon):
 
 
 class ScratchBatchNorm(keras.layers.Layer):
-    """Batch normalization over every axis but `axis`, written with plain TensorFlow ops.
+    """Batch normalization over every axis but `axis` (-1 for NHWC and dense inputs, 1 for NCHW), in TensorFlow ops.
 
     Training mode normalizes with the batch mean and (biased) variance and
     updates `moving = momentum * moving + (1 - momentum) * batch_value`.
-
-    Args:
-        axis: The feature axis (-1 for NHWC and dense inputs, 1 for NCHW).
-        momentum: Weight of the old value in the moving averages.
-        epsilon: Added to the variance.
-        **kwargs: Base layer arguments.
     """
 
     def __init__(self, axis: int = -1, momentum: float = 0.9, epsilon: float = 1e-3, **kwargs):
@@ -51,9 +42,8 @@ class ScratchBatchNorm(keras.layers.Layer):
         self.gamma = self.add_weight(name="gamma", shape=channels, initializer="ones")
         self.beta = self.add_weight(name="beta", shape=channels, initializer="zeros")
         self.moving_mean = self.add_weight(name="moving_mean", shape=channels, initializer="zeros", trainable=False)
-        self.moving_variance = self.add_weight(
-            name="moving_variance", shape=channels, initializer="ones", trainable=False
-        )
+        self.moving_variance = self.add_weight(name="moving_variance", shape=channels, initializer="ones",
+                                               trainable=False)  # fmt: skip
 
     def assign_moving_average(self, variable, value):
         variable.assign(variable * self.momentum + value * (1.0 - self.momentum))

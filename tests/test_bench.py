@@ -196,10 +196,10 @@ def test_quick_run_models_suite_has_both_replica_counts(quick_records):
 
 
 def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
-    from bench.training_worker import run_worker
+    from bench.workers import run_worker
 
     arguments = ["--replicas", 1, "--networks", "mobilenetv2", "--image-size", 32, "--batch", 4, "--repeats", 1]
-    records = run_worker("bench.models_worker", [*arguments, "--warmup", 1, "--inference"], timeout_s=600)
+    records = run_worker("bench.models_suite", [*arguments, "--warmup", 1, "--inference"], timeout_s=600)
     report.add_ratios(records)
     by_name = {r["implementation"]: r for r in records}
     assert sorted(by_name) == sorted(
@@ -228,7 +228,7 @@ def test_models_worker_at_a_tiny_size_names_every_variant_with_finite_ratios():
 
 
 def test_models_goals_and_bn_share_from_made_up_records():
-    from bench.models_worker import add_shares
+    from bench.models_suite import add_shares
 
     def record(network, mode, variant, seconds, replicas=1):
         task = "train" if mode == "train_step" else "infer"
@@ -341,7 +341,7 @@ def test_distributed_goals_and_table_from_made_up_records():
 def test_without_batch_norm_replaces_every_batch_norm_in_nested_models():
     keras = pytest.importorskip("keras")
     import kerasbn
-    from bench.models_worker import count_batch_norms, without_batch_norm
+    from bench.models_suite import count_batch_norms, without_batch_norm
 
     inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 1), kerasbn.BatchNorm()], name="inner")
     inputs = keras.Input((4, 4, 2))
