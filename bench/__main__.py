@@ -26,11 +26,9 @@ from bench.suites import DEFAULT_OUT, BenchConfig, SuiteResult, resolve  # noqa:
 
 def parse_args(argv=None) -> BenchConfig:
     suites = load_suites()
-    parser = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Benchmark kerasbn.BatchNorm against keras, the raw fused kernel and the memory floor.",
-        epilog="Suites: " + "; ".join(f"{s.name}: {s.description}" for s in suites.values()),
-    )
+    epilog = "Suites: " + "; ".join(f"{s.name}: {s.description}" for s in suites.values())
+    parser = argparse.ArgumentParser(prog="python -m bench", epilog=epilog, description="Benchmark kerasbn.BatchNorm "
+                                     "against keras, the raw fused kernel and the memory floor.")
     parser.add_argument("--quick", action="store_true", help="~2-minute smoke version: fewer shapes and repeats")
     parser.add_argument(
         "--suite", dest="suites", nargs="+", action="extend", default=[], choices=list(suites), metavar="NAME",
@@ -66,8 +64,7 @@ def run(config: BenchConfig) -> list:
         records.extend(result.records)
         if result.status != "ok":
             print(f"[bench] suite {suite.name} {result.status}: {result.reason}", file=sys.stderr, flush=True)
-    bandwidth = next((r for r in records if r.get("record") == "bandwidth"), None)
-    if bandwidth is not None:
+    for bandwidth in (r for r in records if r.get("record") == "bandwidth"):
         floor.add_floor(records, bandwidth["bandwidth_gbps"])
     report.add_ratios(records)
     header["elapsed_s"] = time.perf_counter() - run_start
@@ -85,8 +82,7 @@ def main(argv=None) -> int:
     failed = [r["name"] for r in records if r.get("record") == "suite" and r["status"] == "failed"]
     if failed:
         print(f"Suites failed: {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return int(bool(failed))
 
 
 if __name__ == "__main__":

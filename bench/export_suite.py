@@ -44,19 +44,15 @@ def randomize_batch_norms(model, seed: int = 0) -> int:
     Fresh statistics (0, 1, 1, 0) fold into almost nothing; random ones make the output check mean something.
     """
     rng = np.random.default_rng(seed)
-    count = 0
-    for layer in model.layers:
-        if not hasattr(layer, "moving_variance"):
-            continue
+    layers = [layer for layer in model.layers if hasattr(layer, "moving_variance")]
+    for layer in layers:
         shape = tuple(layer.moving_mean.shape)
-        layer.moving_mean.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
-        layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-        if layer.gamma is not None:
-            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
-        if layer.beta is not None:
-            layer.beta.assign(rng.normal(0.0, 0.2, shape).astype("float32"))
-        count += 1
-    return count
+        draws = {"moving_mean": rng.normal(0.0, 0.5, shape), "moving_variance": rng.uniform(0.5, 2.0, shape),
+                 "gamma": rng.uniform(0.5, 1.5, shape), "beta": rng.normal(0.0, 0.2, shape)}
+        for name, values in draws.items():
+            if getattr(layer, name) is not None:
+                getattr(layer, name).assign(values.astype("float32"))
+    return len(layers)
 
 
 def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetition_s: float, extra: dict) -> List[dict]:
@@ -120,16 +116,11 @@ def run_export(config: BenchConfig, previous) -> SuiteResult:
         for batch in BATCHES:
             records += run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
     notes = [
-        f"LeNet-BN (training.models.build_lenet('kerasbn')) with {randomized} batch norms given seeded random "
-        "moving statistics, gamma and beta; exported with training.export.export_model(fold_bn=True / False) "
-        "into a temporary folder and loaded back with tf.saved_model.load.",
-        f"Timed: the `{SIGNATURE}` signature (float32 [batch, 28, 28, 1] in; logits, probabilities, class ids out), "
-        "called from Python. `keras` here is the Keras model's own predict step, "
-        "tf.function(model(x, training=False)), and ratio_to_keras is relative to it (not to "
-        "keras.layers.BatchNormalization as in the layer suite).",
-        f"Warm-up: one checked call (logits compared with the Keras model's, max |difference| <= {LOGIT_TOLERANCE:g}) "
-        f"and two more; then {repeats} repetitions interleaved across the three (order rotated each round), each "
-        f"averaging enough calls to last >= {min_repetition_s * 1e3:.0f} ms. Batch 1: latency per request; "
-        "batch 256: throughput (examples/s).",
+        f"LeNet-BN with {randomized} batch norms given seeded random moving statistics, gamma and beta, exported "
+        "with training.export.export_model(fold_bn=True / False) and loaded back with tf.saved_model.load.",
+        f"Timed: the `{SIGNATURE}` signature (float32 [batch, 28, 28, 1] in), called from Python, against `keras`, "
+        "the Keras model's own predict step tf.function(model(x, training=False)): ratio_to_keras's reference here.",
+        f"One checked call (logits within {LOGIT_TOLERANCE:g} of the Keras model's), two warm-up calls, then "
+        f"{repeats} repetitions interleaved, each averaging calls over >= {min_repetition_s * 1e3:.0f} ms.",
     ]
     return SuiteResult(records=records, notes=notes)

@@ -72,20 +72,17 @@ def measure_bandwidth(buffer_bytes: int, repeats: int) -> Dict[str, object]:
 def add_floor(records: List[dict], bandwidth_gbps: float) -> None:
     """Adds `floor_s`, `achieved_gbps` and `time_over_floor` to records with `bytes_moved`."""
     for record in records:
-        if record.get("record") != "measurement" or not record.get("bytes_moved"):
-            continue
-        moved = record["bytes_moved"]
-        record["floor_s"] = moved / (bandwidth_gbps * 1e9)
-        record["achieved_gbps"] = moved / record["median_s"] / 1e9
-        record["time_over_floor"] = record["median_s"] / record["floor_s"]
+        if record.get("record") == "measurement" and record.get("bytes_moved"):
+            moved, floor_s = record["bytes_moved"], record["bytes_moved"] / (bandwidth_gbps * 1e9)
+            record.update(floor_s=floor_s, achieved_gbps=moved / record["median_s"] / 1e9,
+                          time_over_floor=record["median_s"] / floor_s)  # fmt: skip
 
 
 @register_suite("floor", "memory bandwidth from a large copy: the floor every BN pass is held to")
 def run_floor(config: BenchConfig, previous) -> SuiteResult:
     del previous
     buffer_bytes = (64 if config.quick else 512) * 2**20
-    repeats = config.repeats_or(full=7, quick=3)
-    result = measure_bandwidth(buffer_bytes, repeats)
+    result = measure_bandwidth(buffer_bytes, config.repeats_or(full=7, quick=3))
     by_threads = ", ".join(f"{count} thread(s): best {v['best_gbps']:.1f}, median {v['median_gbps']:.1f} GB/s"
                            for count, v in result["by_threads"].items())  # fmt: skip
     notes = [

@@ -39,25 +39,17 @@ class Case:
     @property
     def tensor_shape(self) -> Tuple[int, ...]:
         """The input tensor's actual shape: channels moved to axis 1 for NCHW."""
-        if self.layout == "NCHW":
-            n, h, w, c = self.shape
-            return (n, c, h, w)
-        return tuple(self.shape)
+        shape = tuple(self.shape)
+        return (shape[0], shape[3], *shape[1:3]) if self.layout == "NCHW" else shape
 
     @property
     def axis(self) -> int:
         return 1 if self.layout == "NCHW" else -1
 
-    @property
-    def channels(self) -> int:
-        return self.shape[-1]
-
 
 def _compiled_step(case: Case, forward: Callable, trainable: Callable[[], list]):
-    """Wraps `forward(x, training)` into the case's mode as a `tf.function(x, upstream)`.
-
-    `trainable()` returns the gamma and beta variables to differentiate.
-    """
+    """Wraps `forward(x, training)` into the case's mode as a `tf.function(x, upstream)`; `trainable()` gives the
+    gamma and beta variables to differentiate."""
     if case.mode == "train_step":
 
         def step(x, upstream):
@@ -94,7 +86,7 @@ def _tf_fused_kernel(case: Case):
     In training mode the kernel updates the running statistics itself
     (`exponential_avg_factor`): the least work TensorFlow offers for a step.
     """
-    channels = case.channels
+    channels = case.shape[-1]
     gamma, beta = tf.Variable(tf.ones([channels])), tf.Variable(tf.zeros([channels]))
     moving_mean, moving_variance = tf.Variable(tf.zeros([channels])), tf.Variable(tf.ones([channels]))
     data_format = "NCHW" if case.layout == "NCHW" else "NHWC"

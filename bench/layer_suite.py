@@ -23,8 +23,7 @@ from bench.timing import Candidate, describe_error, time_interleaved
 
 SUITE = "layer"
 
-# (shape, family): LeNet's two conv outputs, two ResNet-sized activations,
-# and LeNet's first dense output.
+# (shape, family): LeNet's two conv outputs, two ResNet-sized activations, LeNet's first dense output.
 SHAPES: Tuple[Tuple[Tuple[int, ...], str], ...] = (
     ((256, 24, 24, 6), "lenet"), ((256, 8, 8, 16), "lenet"), ((128, 56, 56, 64), "resnet"),
     ((64, 28, 28, 256), "resnet"), ((1024, 120), "dense"),
@@ -103,8 +102,7 @@ def run_layer(config: BenchConfig, previous) -> SuiteResult:
     min_repetition_s = 0.01 if config.quick else 0.1
     records: List[dict] = []
     # Every case makes new tf.functions of the same Python step: TensorFlow's "retracing" warning is expected.
-    tf_logger = tf.get_logger()
-    level = tf_logger.level
+    tf_logger, level = tf.get_logger(), tf.get_logger().level
     tf_logger.setLevel(logging.ERROR)
     try:
         for case, family in cases(QUICK_SHAPES if config.quick else SHAPES):
@@ -112,14 +110,12 @@ def run_layer(config: BenchConfig, previous) -> SuiteResult:
     finally:
         tf_logger.setLevel(level)
     notes = [
-        "Each implementation in a tf.function, with jit_compile=False and =True; float32; momentum 0.9, epsilon 1e-3.",
+        "Each implementation in a tf.function, jit_compile=False and =True; float32; momentum 0.9, epsilon 1e-3. "
         "Shapes are named (N, H, W, C) as in the issue; NCHW rows run the same tensor as (N, C, H, W) with axis=1.",
         "train_step: forward (training=True) + gradients w.r.t. x, gamma, beta from a fixed upstream gradient "
         "+ moving-average update. inference: forward with the moving statistics.",
-        f"Warm-up (trace/compile, checked against keras; then 1 call), then {repeats} repetitions interleaved "
-        "across implementations (order rotated each round); each repetition averages enough calls to last "
+        f"A first call (traced, its outputs compared with keras's: max_rel_diff_to_keras, largest difference / "
+        f"largest |keras value|), then {repeats} repetitions interleaved, each averaging calls over "
         f">= {min_repetition_s * 1e3:.0f} ms.",
-        "Every implementation's outputs (dx, dgamma, dbeta; or y) are compared with keras's on the same inputs: "
-        "max_rel_diff_to_keras in the JSON (largest difference / largest |keras value|).",
     ]
     return SuiteResult(records=records, notes=notes)

@@ -16,13 +16,11 @@ def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model"):
-                    return value.strip()
+            fields = [line.partition(":") for line in cpuinfo]
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+        fields = []
+    names = [value.strip() for key, _, value in fields if key.strip() in ("model name", "Model", "cpu model")]
+    return next(iter(names), None) or platform.processor() or platform.machine() or "unknown"
 
 
 def usable_cores() -> int:

@@ -50,14 +50,11 @@ def run_models(config: BenchConfig, previous) -> SuiteResult:
         records += run_worker(__name__, arguments + ["--inference"] * (replicas == 1), 600 if config.quick else 1800)
     notes = [
         f"keras.applications networks, weights=None, input {size}x{size}x3, 10 classes, global batch {batch}, "
-        "float32, SGD(0.01), sparse categorical cross-entropy, jit_compile=False; synthetic images.",
-        "Training step: model.train_function on an iterator of strategy.experimental_distribute_dataset (what fit "
-        "runs per step: forward, loss, gradients, update). Inference: tf.function(model(x, training=False)).",
-        f"Per network, every variant interleaved in one process: {warmup} warm-up calls (the first traces), one "
-        f"calibrating call, then {repeats} rounds, order rotated each round, each repetition averaging calls over "
-        f">= {min_repetition_s:g} s; median of the repetitions. One process per replica "
-        "count: OneDeviceStrategy for 1, MirroredStrategy over 2 logical CPU devices for 2.",
-        "BN share = (t - t_no_bn) / (t_stock - t_no_bn): the part of stock's batch-norm time a variant still pays.",
+        "float32, SGD(0.01), jit_compile=False; synthetic images. Training step: model.train_function on the "
+        "strategy's distributed dataset (fit's step). Inference: tf.function(model(x, training=False)).",
+        f"Per network, every variant interleaved in one process per replica count (1 device; MirroredStrategy over 2 "
+        f"logical CPU devices): {warmup} warm-up calls, {repeats} rounds, each averaging calls over "
+        f">= {min_repetition_s:g} s. BN share = (t - t_no_bn) / (t_stock - t_no_bn).",
     ]
     return SuiteResult(records=records, notes=notes)
 
@@ -110,14 +107,13 @@ def train_call(model, strategy, dataset):
 
 
 def predict_call(model, images, strategy=None):
-    """Inference per call, in a tf.function; in `strategy.run` (every replica on `images`) when given a strategy."""
+    """Inference of `images` per call, a tf.function; in `strategy.run` (every replica on them) given a strategy."""
     import tensorflow as tf
 
-    def infer(x):
-        return model(x, training=False)
+    def infer():
+        return model(images, training=False)
 
-    predict = tf.function(infer if strategy is None else lambda x: strategy.run(infer, args=(x,)), autograph=False)
-    return lambda: predict(images)
+    return tf.function(infer if strategy is None else lambda: strategy.run(infer), autograph=False)
 
 
 def add_shares(records: List[dict]) -> None:
@@ -132,9 +128,8 @@ def add_shares(records: List[dict]) -> None:
         stock, bound = group.get(STOCK), group.get(BOUND)
         for record in group.values():
             record["ratio_to_bound"] = record["median_s"] / bound["median_s"] if bound else None
-            record["bn_share"] = None
-            if stock and bound and stock["median_s"] != bound["median_s"]:
-                record["bn_share"] = (record["median_s"] - bound["median_s"]) / (stock["median_s"] - bound["median_s"])
+            paid = stock["median_s"] - bound["median_s"] if stock and bound else 0
+            record["bn_share"] = (record["median_s"] - bound["median_s"]) / paid if paid else None
 
 
 def measure_network(network: str, strategy, args) -> List[dict]:
@@ -173,23 +168,11 @@ def measure_network(network: str, strategy, args) -> List[dict]:
     return records
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=int, required=True)
-    parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), required=True)
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--batch", type=int, default=32, help="global batch")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before the calibrating one")
-    parser.add_argument("--min-repetition-s", type=float, default=0.3)
-    parser.add_argument("--inference", action="store_true", help="also time inference (stock, fold, no BN)")
-    return parser
-
-
 def measure(args: argparse.Namespace) -> List[dict]:
     strategy = configure_devices(args.replicas)
     return [record for network in args.networks for record in measure_network(network, strategy, args)]
 
 
-if __name__ == "__main__":
-    serve(parser(), measure)
+if __name__ == "__main__":  # --batch: global; --warmup: untimed calls before the calibrating one
+    serve(measure, replicas=1, networks=list(NETWORKS), image_size=112, batch=32, repeats=10, warmup=2,
+          min_repetition_s=0.3, inference=False)  # fmt: skip

@@ -3,22 +3,14 @@
     python -m bench.profile --network resnet50        # a few minutes on a 2-core CPU
     python -m bench.profile --network lenet --quick   # under a minute, for a look (do not quote it)
 
-Writes `bench/results/<network>_profile.md` and `.json` (`--out` picks the
-folder). The variants are those of the `models` suite (`stock`,
-`kerasbn.convert`, `no_bn`; for LeNet `training.models.build_lenet` with
-norm keras, kerasbn and none), with the suite's training step
-(`bench.models_suite.train_call`), on one device. Two measurements:
-
-1. **Whole step**: the variants timed interleaved (`bench.timing`).
-2. **Op profile**: `tf.profiler.experimental` traces a few steps of each;
-   every op the executor ran is attributed to its layer's kind (from the
-   op's name scope) and to forward or backward (`gradient_tape/` scope).
-   Where ops ran at once on the executor's threads, the overlap is split
-   between them, so the kinds add up to the traced wall time.
-
-The LeNet profile of the layer's design (the what-ifs that became kerasbn's
-shape-aware training path, bench/results/lenet_profile.md) was written by
-this module's earlier, LeNet-only version: `git show 8ad8450:bench/profile_lenet.py`.
+Writes `bench/results/<network>_profile.md` and `.json`. The variants and the
+training step are the `models` suite's (for LeNet: `build_lenet` with norm
+keras, kerasbn and none), on one device: the whole steps timed interleaved,
+then a few steps of each traced by `tf.profiler.experimental`, every op the
+executor ran attributed to its layer's kind (from its name scope) and to
+forward or backward; ops running at once share their time, so the kinds add
+up to the traced wall time. bench/results/lenet_profile.md was written by this
+module's LeNet-only ancestor: `git show 8ad8450:bench/profile_lenet.py`.
 """
 
 from __future__ import annotations
@@ -94,10 +86,7 @@ def _read_xspace(logdir: str):
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
         raise RuntimeError(f"The profiler wrote no .xplane.pb under {logdir!r}")
-    space = xplane_pb2.XSpace()
-    with open(paths[-1], "rb") as handle:
-        space.ParseFromString(handle.read())
-    return space
+    return xplane_pb2.XSpace.FromString(pathlib.Path(paths[-1]).read_bytes())
 
 
 def trace_events(space) -> Tuple[List[Tuple[int, int, str]], List[Tuple[int, int]]]:
@@ -131,23 +120,16 @@ def trace_events(space) -> Tuple[List[Tuple[int, int, str]], List[Tuple[int, int
 
 
 def attribute(ops, windows) -> Tuple[Dict[str, float], float, float]:
-    """Splits the wall time of `windows` among the ops running in it.
-
-    Each elementary interval between consecutive op boundaries is divided
-    equally among the ops active in it; time inside a window with no op
-    running goes to `GAPS`.
-
-    Returns:
-        `(seconds per op name, wall seconds of the windows, seconds summed over op durations)`.
-    """
+    """Splits the wall time of `windows` among the ops running in it: `(seconds per op name, wall seconds,
+    seconds summed over op durations)`. Each interval between op boundaries is divided equally among the ops
+    active in it; time with no op running goes to `GAPS`."""
     shares: Dict[str, float] = collections.defaultdict(float)
     ops = [(s, e, n) for s, e, n in ops if e > s]
     wall = summed = 0.0
     for window_start, window_end in windows:
         wall += (window_end - window_start) * 1e-12
-        inside = [
-            (max(s, window_start), min(e, window_end), n) for s, e, n in ops if s < window_end and e > window_start
-        ]
+        inside = [(max(s, window_start), min(e, window_end), n) for s, e, n in ops
+                  if s < window_end and e > window_start]  # fmt: skip
         summed += sum(e - s for s, e, _ in inside) * 1e-12
         points = sorted({window_start, window_end, *(s for s, _, _ in inside), *(e for _, e, _ in inside)})
         starts, ends = collections.defaultdict(list), collections.defaultdict(list)

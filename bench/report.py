@@ -109,10 +109,7 @@ def _ratio_goal(goal: str, pairs: List[Tuple[dict, dict]], limit: float, what: s
 
 def _values_goal(goal: str, values: Dict[str, Optional[float]], limit: float, cell: Callable[[str, float], str],
                  missing: str, judged: Optional[Sequence[str]] = None) -> GoalResult:  # fmt: skip
-    """`met` when every value named in `judged` (all by default) is at most `limit`; the detail lists `cell`s.
-
-    A None value (not measured) is left out.
-    """
+    """`met` when every value named in `judged` (all by default; None: not measured) is at most `limit`."""
     values = {name: value for name, value in values.items() if value is not None}
     scored = [value for name, value in values.items() if judged is None or name in judged]
     if not scored:
@@ -150,8 +147,7 @@ def goal_layer(records: List[dict]) -> List[GoalResult]:
     return results
 
 
-EXPORT_GOAL_THROUGHPUT = 1.3  # folded over unfolded, at batch 256
-EXPORT_GOAL_BATCH = 256
+EXPORT_GOAL_THROUGHPUT, EXPORT_GOAL_BATCH = 1.3, 256  # folded over unfolded, at batch 256
 
 
 def _export_pair(records: List[dict], batch: int) -> Tuple[Optional[dict], Optional[dict]]:
@@ -167,12 +163,10 @@ def goal_export(records: List[dict]) -> List[GoalResult]:
     if folded is None or unfolded is None:
         return [GoalResult(goal, "not evaluated", _why_not_evaluated(records, "export"))]
     speedup = unfolded["median_s"] / folded["median_s"]  # throughput ratio: the time ratio inverted
-    detail = (
-        f"folded {speedup:.2f}x the throughput of unfolded at batch {EXPORT_GOAL_BATCH} "
-        f"({folded['examples_per_s']:.0f} vs {unfolded['examples_per_s']:.0f} examples/s, "
-        f"{_ms(folded['median_s'])} vs {_ms(unfolded['median_s'])} ms; "
-        f"fastest repetitions {unfolded['min_s'] / folded['min_s']:.2f}x)"
-    )
+    detail = (f"folded {speedup:.2f}x the throughput of unfolded at batch {EXPORT_GOAL_BATCH} "
+              f"({folded['examples_per_s']:.0f} vs {unfolded['examples_per_s']:.0f} examples/s, "
+              f"{_ms(folded['median_s'])} vs {_ms(unfolded['median_s'])} ms; "
+              f"fastest repetitions {unfolded['min_s'] / folded['min_s']:.2f}x)")  # fmt: skip
     folded_1, unfolded_1 = _export_pair(records, 1)
     if folded_1 is not None and unfolded_1 is not None:
         detail += (f"; batch 1 latency {_ms(folded_1['median_s'])} vs {_ms(unfolded_1['median_s'])} ms "
@@ -182,13 +176,10 @@ def goal_export(records: List[dict]) -> List[GoalResult]:
 
 def goal_training(records: List[dict]) -> List[GoalResult]:
     missing = _why_not_evaluated(records, "training")
-    return [
-        _ratio_goal(f"LeNet-BN with kerasbn {label}", _pairs(records, "training", "kerasbn", reference,
-                    ("replicas", "shape")), limit, f"of {reference}'s epoch time", missing)
-        for reference, limit, label in (
-            ("keras", 1.0, "at least as fast per epoch as keras BN"), ("none", 1.15, "within 1.15x of no BN"),
-        )
-    ]  # fmt: skip
+    return [_ratio_goal(f"LeNet-BN with kerasbn {label}", _pairs(records, "training", "kerasbn", reference,
+                        ("replicas", "shape")), limit, f"of {reference}'s epoch time", missing)
+            for reference, limit, label in (("keras", 1.0, "at least as fast per epoch as keras BN"),
+                                            ("none", 1.15, "within 1.15x of no BN"))]  # fmt: skip
 
 
 def _share_goal(goal: str, records: List[dict], limit: float) -> GoalResult:
@@ -227,12 +218,17 @@ def goal_models(records: List[dict]) -> List[GoalResult]:
     return results
 
 
+def _label(record: dict) -> str:
+    """A strategy's name in the distributed goals and table, with its replicas where they are not 2."""
+    return record["strategy"] + ("" if record["replicas"] == 2 else f" x{record['replicas']}")
+
+
 def _distributed(records, mode: str) -> Dict[str, Dict[str, dict]]:
-    """The distributed suite's `mode` records of the networks: {strategy: {variant: record}}."""
+    """The distributed suite's `mode` records of the networks: {strategy label: {variant: record}}."""
     found: Dict[str, Dict[str, dict]] = {}
     for record in measurements(records, "distributed", mode=mode):
         if record["variant"] != "dynamic_batch":
-            found.setdefault(record["strategy"], {})[record["variant"]] = record
+            found.setdefault(_label(record), {})[record["variant"]] = record
     return found
 
 
@@ -246,27 +242,48 @@ def _sync_added(group: Dict[str, dict]) -> Optional[float]:
 
 
 def goal_distributed(records: List[dict]) -> List[GoalResult]:
-    """Issue 14's goals: calls per synchronized layer, the synchronization's cost on 2 workers, inference."""
+    """Issues 14, 19, 20: collectives per synchronized layer, what synchronizing costs, inference, JAX's local path."""
     missing = _why_not_evaluated(records, "distributed")
     train, infer = _distributed(records, "train_step"), _distributed(records, "inference")
-    calls = {name: g["kerasbn_sync"]["calls_per_batch_norm"] for name, g in train.items() if "kerasbn_sync" in g}
-    results = [
+
+    def pairs(variant, reference, groups=train, where=""):  # of the strategies whose name holds `where`
+        return [(g[variant], g[reference]) for name, g in groups.items()
+                if where in name and {variant, reference} <= set(g)]  # fmt: skip
+
+    def synchronized(field):  # of each synchronized variant, kerasbn_sync named by its strategy alone
+        return {f"{name} {variant[13:]}".strip(): g[variant].get(field) for name, g in train.items()
+                for variant in ("kerasbn_sync", "kerasbn_sync_generic", "kerasbn_sync_group") if variant in g}
+
+    jax_local = {name: g["kerasbn"]["collectives"] - g["kerasbn"]["collectives_without_batch_norm"]
+                 for name, g in train.items() if name.startswith("JAX") and "kerasbn" in g}  # fmt: skip
+    jax_stock = ", ".join(f"{b['collectives_per_batch_norm']:g}" for _, b in pairs("kerasbn", "stock", where="JAX"))
+    inference = _ratio_goal("kerasbn inference: 0 cross-replica calls per step and time <= stock's",
+                            pairs("kerasbn", "stock", infer), 1.0, "of stock", missing)  # fmt: skip
+    if inference.status != "not evaluated":
+        calls = [(_label(a), a["cross_replica_calls"]) for a, _ in pairs("kerasbn", "stock", infer)]
+        inference.detail += "; calls per step " + ", ".join(f"{name} {count}" for name, count in calls)
+        inference.status = "missed" if any(count for _, count in calls) else inference.status
+    return [
         _values_goal("kerasbn synchronized=True: <= 2 cross-replica calls per batch-norm layer per training step",
-                     calls, 2, lambda name, value: f"{name} {value:g}", missing),
+                     synchronized("calls_per_batch_norm"), 2, lambda name, value: f"{name} {value:g}", missing),
+        _values_goal("kerasbn synchronized=True: <= 2 collectives per batch-norm layer per training step (TensorFlow "
+                     "graph ops, JAX compiled HLO)", synchronized("collectives_per_batch_norm"), 2,
+                     lambda name, value: f"{name} {value:g}", missing),
         _values_goal("2 workers: what synchronizing adds to kerasbn's step <= 1/2 of what it adds to stock's",
                      {name: _sync_added(group) for name, group in train.items()}, 0.5,
                      lambda name, value: f"{name} {value:.2f} of stock's", missing, ("MultiWorkerMirroredStrategy",)),
+        _ratio_goal("kerasbn synchronized <= 0.8x stock synchronized, every TensorFlow strategy",
+                    pairs("kerasbn_sync", "stock_sync"), 0.8, "of stock_sync", missing),
+        _values_goal("JAX synchronized=False: 0 collectives per batch-norm layer, <= 1 per step for all moving "
+                     "statistics (beyond the step without batch norm)", jax_local, 1,
+                     lambda name, value: f"{name} {value:g} per step (stock per layer: {jax_stock})", missing),
+        _ratio_goal("JAX, 2 processes: kerasbn's local step <= stock's", pairs("kerasbn", "stock", where="processes"),
+                    1.0, "of stock", missing),
+        inference,
+        _ratio_goal("Unknown batch (no drop_remainder): kerasbn's rank-2 train step <= 1.05x the known batch's",
+                    _pairs(records, "distributed", False, True, ("variant",), "reference", variant="dynamic_batch"),
+                    1.05, "of the known batch's", missing),
     ]  # fmt: skip
-    pairs = [(g["kerasbn"], g["stock"]) for g in infer.values() if {"kerasbn", "stock"} <= set(g)]
-    result = _ratio_goal("kerasbn inference: 0 cross-replica calls per step and time <= stock's", pairs, 1.0,
-                         "of stock", missing)  # fmt: skip
-    if pairs:
-        calls = ", ".join(f"{a['strategy']} {a['cross_replica_calls']}" for a, _ in pairs)
-        result.detail += f"; calls per step {calls}"
-        result.status = "missed" if any(a["cross_replica_calls"] for a, _ in pairs) else result.status
-    dynamic = _pairs(records, "distributed", False, True, ("variant",), "reference", variant="dynamic_batch")
-    goal = "Unknown batch (no drop_remainder): kerasbn's rank-2 train step <= 1.05x the known batch's"
-    return results + [result, _ratio_goal(goal, dynamic, 1.05, "of the known batch's", missing)]
 
 
 # Extension point: a function from the records to goal rows, one per issue part.
@@ -351,8 +368,7 @@ def _correctness_line(records: List[dict]) -> str:
     compared = [r for r in measurements(records, "layer") if r.get("max_rel_diff_to_keras") is not None]
     if not compared:
         return "Outputs were not compared with keras's (no keras reference measured)."
-    disagree = [r for r in compared if r["max_rel_diff_to_keras"] > CORRECTNESS_TOLERANCE]
-    if disagree:
+    if disagree := [r for r in compared if r["max_rel_diff_to_keras"] > CORRECTNESS_TOLERANCE]:
         cases = ", ".join(f"{r['implementation']} on {_case(r)} {r['mode']} ({r['max_rel_diff_to_keras']:.1e})"
                           for r in disagree)  # fmt: skip
         return f"**Results differ** from keras's by more than {CORRECTNESS_TOLERANCE:g} (relative) for: {cases}"
@@ -413,18 +429,19 @@ def distributed_table(records: List[dict]) -> List[str]:
     rows += measurements(records, "distributed", variant="dynamic_batch")
 
     def sync_added(r):
-        added = _sync_added(_distributed(records, r["mode"])[r["strategy"]]) if r["variant"] == "kerasbn_sync" else None
+        added = _sync_added(_distributed(records, r["mode"])[_label(r)]) if r["variant"] == "kerasbn_sync" else None
         return "-" if added is None else f"{added:.2f}"
 
     def network(cell):  # "-" in the unknown-batch rows, which time the layer alone
         return lambda r: "-" if r["variant"] == "dynamic_batch" else cell(r)
 
     return records_table(rows, [
-        ("strategy", network(lambda r: r["strategy"])), ("timed", "mode"),
+        ("strategy", network(_label)), ("timed", "mode"),
         ("variant", lambda r: r["implementation"] if r["variant"] == "dynamic_batch" else r["variant"]),
-        ("median ms", _median), ("vs stock", _ratio_cell), ("calls/step", network(lambda r: r["cross_replica_calls"])),
+        ("median ms", _median), ("vs stock", _ratio_cell), ("calls/step", network(_field("cross_replica_calls"))),
         ("calls/BN layer", network(_field("calls_per_batch_norm", "g"))),
-        ("sync adds, vs stock's", network(sync_added)),
+        ("sync adds, vs stock's", network(sync_added)), ("collectives/step", network(_field("collectives"))),
+        ("collectives/BN layer", network(_field("collectives_per_batch_norm", ".3g"))),
     ])  # fmt: skip
 
 

@@ -27,9 +27,7 @@ class ScratchBatchNorm(keras.layers.Layer):
 
     def __init__(self, axis: int = -1, momentum: float = 0.9, epsilon: float = 1e-3, **kwargs):
         super().__init__(**kwargs)
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
+        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -51,15 +49,12 @@ class ScratchBatchNorm(keras.layers.Layer):
     def call(self, inputs, training=False):
         if training:
             batch_mean = tf.reduce_mean(inputs, self._reduce_axes, keepdims=True)
-            batch_variance = tf.reduce_mean(
-                tf.math.squared_difference(inputs, tf.stop_gradient(batch_mean)), self._reduce_axes, keepdims=True
-            )
+            deviation = tf.math.squared_difference(inputs, tf.stop_gradient(batch_mean))
+            batch_variance = tf.reduce_mean(deviation, self._reduce_axes, keepdims=True)
             self.assign_moving_average(self.moving_mean, tf.reshape(batch_mean, [-1]))
             self.assign_moving_average(self.moving_variance, tf.reshape(batch_variance, [-1]))
             mean, variance = batch_mean, batch_variance
         else:
-            mean = tf.reshape(self.moving_mean, self._param_shape)
-            variance = tf.reshape(self.moving_variance, self._param_shape)
-        gamma = tf.reshape(self.gamma, self._param_shape)
-        beta = tf.reshape(self.beta, self._param_shape)
+            mean, variance = (tf.reshape(v, self._param_shape) for v in (self.moving_mean, self.moving_variance))
+        gamma, beta = (tf.reshape(v, self._param_shape) for v in (self.gamma, self.beta))
         return scratch_batch_norm(inputs, gamma, beta, mean, variance, self.epsilon)

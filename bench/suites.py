@@ -51,9 +51,8 @@ class BenchConfig:
             raise ValueError(f"`repeats` must be a positive integer or None. Received: repeats={self.repeats!r}")
         unknown = [name for name in self.suites if name not in SUITES]
         if unknown:
-            raise ValueError(
-                f"`suites` names unknown suites {unknown}; known: {list(SUITES)}. Received: suites={list(self.suites)}"
-            )
+            raise ValueError(f"`suites` names unknown suites {unknown}; known: {list(SUITES)}. "
+                             f"Received: suites={list(self.suites)}")  # fmt: skip
         self.out = pathlib.Path(self.out)
 
     def repeats_or(self, full: int, quick: int) -> int:
@@ -99,10 +98,8 @@ def register_suite(name: str, description: str, requires: Sequence[str] = (), co
             raise ValueError(f"A suite named {name!r} is already registered. Received: name={name!r}")
         missing = [r for r in requires if r not in SUITES]
         if missing:
-            raise ValueError(
-                f"Suite {name!r} requires {missing}, which must be registered before it. "
-                f"Received: requires={list(requires)}"
-            )
+            raise ValueError(f"Suite {name!r} requires {missing}, which must be registered before it. "
+                             f"Received: requires={list(requires)}")  # fmt: skip
         SUITES[name] = Suite(name, description, function, tuple(requires), counts_as_done)
         return function
 

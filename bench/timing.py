@@ -41,8 +41,7 @@ def summarize(seconds: Sequence[float]) -> dict:
     """Median, min, max and count of per-repetition times."""
     if not seconds:
         raise ValueError(f"`seconds` must hold at least one time. Received: seconds={list(seconds)!r}")
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-            "repeats": len(seconds)}  # fmt: skip
+    return dict(median_s=statistics.median(seconds), min_s=min(seconds), max_s=max(seconds), repeats=len(seconds))
 
 
 def describe_error(error: BaseException) -> str:

@@ -36,8 +36,7 @@ EPOCH_EXAMPLES = 60000  # Fashion-MNIST's training set
 @register_suite(SUITE, "LeNet-BN training throughput (fit), --norm kerasbn/keras/none, 1 and 2 replicas")
 def run_training(config: BenchConfig, previous) -> SuiteResult:
     del previous
-    steps = 4 if config.quick else 40
-    repeats = config.repeats_or(full=5, quick=2)
+    steps, repeats = 4 if config.quick else 40, config.repeats_or(full=5, quick=2)
     # A full run also times synchronized (global-batch) statistics at 2 replicas.
     norms = ["kerasbn", "keras", "none"] + ([] if config.quick else ["kerasbn_sync"])
     records = []
@@ -47,10 +46,8 @@ def run_training(config: BenchConfig, previous) -> SuiteResult:
     notes = [
         f"model.fit, one epoch of {steps} steps of global batch 256 per call, on synthetic 28x28x1 images "
         f"(10 classes), SGD, jit_compile=False; the epoch's own time (a callback), {repeats} repetitions "
-        "interleaved across norms after two warm-up fits (the first traces).",
-        "One process per replica count; strategy from training.distribute.get_strategy('auto'): one device "
-        "for 1 replica, MirroredStrategy over 2 logical CPU devices (GPUs where present) for 2.",
-        "epoch s (est.) = seconds per step x ceil(60000 / 256), Fashion-MNIST's training set.",
+        "interleaved across norms after two warm-up fits. One process per replica count: one device, or "
+        "MirroredStrategy over 2 logical CPU devices. epoch s (est.) = s per step x ceil(60000 / 256).",
     ]
     return SuiteResult(records=records, notes=notes)
 
@@ -106,15 +103,5 @@ def measure(args: argparse.Namespace) -> List[dict]:
     return records
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=int, required=True)
-    parser.add_argument("--norms", nargs="+", choices=list(NORMS), required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--repeats", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, default=256)
-    return parser
-
-
 if __name__ == "__main__":
-    serve(parser(), measure)
+    serve(measure, replicas=1, norms=list(NORMS), steps=40, repeats=5, batch_size=256)

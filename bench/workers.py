@@ -19,25 +19,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_worker(module: str, arguments, timeout_s: float) -> list:
-    """Runs `python -m <module> <arguments> --json-out FILE` in a fresh interpreter; returns its records."""
-    return run_workers(module, [arguments], timeout_s)[0]
+def run_worker(module: str, arguments, timeout_s: float, env: Optional[dict] = None) -> list:
+    """Runs `python -m <module> <arguments> --json-out FILE` in a fresh interpreter (`env` added to the
+    environment); returns its records."""
+    return run_workers(module, [arguments], timeout_s, env)[0]
 
 
-def run_workers(module: str, argument_lists, timeout_s: float) -> List[list]:
+def run_workers(module: str, argument_lists, timeout_s: float, env: Optional[dict] = None) -> List[list]:
     """Like `run_worker`, one process per argument list, all at once; returns each one's records.
 
     Every process still running when one fails or the time is up is killed.
     """
     with tempfile.TemporaryDirectory() as folder:
         outs = [os.path.join(folder, f"records{index}.json") for index in range(len(argument_lists))]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, **(env or {}), "PYTHONPATH": path}
         processes = []
         try:
             for arguments, out in zip(argument_lists, outs):
@@ -56,13 +57,23 @@ def run_workers(module: str, argument_lists, timeout_s: float) -> List[list]:
         return [json.loads(pathlib.Path(out).read_text(encoding="utf-8"))["records"] for out in outs]
 
 
-def serve(parser: argparse.ArgumentParser, measure: Callable[[argparse.Namespace], list]) -> None:
-    """A worker's `__main__`: parses the arguments (`--json-out` added), writes `measure(args)`'s records there.
+def serve(measure: Callable[[argparse.Namespace], list], **defaults) -> None:
+    """A worker's `__main__`: writes `measure(args)`'s records to `--json-out`.
 
-    Exits at once after writing: TensorFlow's native teardown after a
-    distributed run can hang for minutes.
+    `args` holds one `--name value` option per keyword of `defaults`, of the
+    default's type (a flag for False, several values for a list). Exits at
+    once after writing: TensorFlow's native teardown after a distributed run
+    can hang for minutes.
     """
-    parser.add_argument("--json-out", required=True)
+    parser = argparse.ArgumentParser()
+    for name, default in {**defaults, "json_out": ""}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            several = isinstance(default, list)
+            item = (default or [""])[0] if several else default
+            parser.add_argument(flag, nargs="+" if several else None, type=type(item), default=default)
     args = parser.parse_args()
     records = measure(args)
     pathlib.Path(args.json_out).write_text(json.dumps({"records": records}), encoding="utf-8")
@@ -106,11 +117,11 @@ def synthetic_dataset(batch_size: int, image_shape=(28, 28, 1), batches: int = 8
     return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).cache().repeat()
 
 
-def compile_models(models: dict, from_logits: bool = False) -> dict:
-    """Compiles every model of `{name: model}` as the suites train: SGD(0.01), sparse cross-entropy, no XLA."""
+def compile_models(models: dict, from_logits: bool = False, jit_compile: bool = False) -> dict:
+    """Compiles every model of `{name: model}` as the suites train: SGD(0.01), sparse cross-entropy."""
     import keras
 
     for model in models.values():
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss=loss, jit_compile=False)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss=loss, jit_compile=jit_compile)
     return models
