@@ -1,30 +1,16 @@
 """Part 4: inference of the exported LeNet-BN SavedModel, batch norm folded against unfolded.
 
-A LeNet-BN (`training.models.build_lenet("kerasbn")`) with randomized
-moving statistics, gammas and betas (seeded; no training needed, the speed
-does not depend on the values, but folding then has real work to do and the
-outputs are checked against the Keras model's) is exported twice with
-`training.export.export_model` into a temporary folder:
-
-* `savedmodel_folded` (`fold_bn=True`): every batch norm folded into the
-  kernel and bias of the Conv2D/Dense before it; the graph holds no
-  batch-norm op.
-* `savedmodel_unfolded` (`fold_bn=False`): each `kerasbn.BatchNorm` runs as
-  its compiled inference path (`x * a + b`: the fused kernel for the
-  16-channel conv output, two element-wise ops for the others).
-
-Both are loaded back with `tf.saved_model.load` and their `serving_float`
-signature (float32 `[batch, 28, 28, 1]` in, logits, probabilities and class
-ids out) is timed, interleaved in one process with a third candidate,
-`keras`: the Keras model's own predict step,
-`tf.function(lambda x: model(x, training=False))`. In this suite
-`ratio_to_keras` is relative to that predict step, not to
-keras.layers.BatchNormalization as in the layer suite.
-
-Batch 1 measures latency (one request: Python dispatch of the signature
-included, as a Python server pays it), batch 256 throughput
-(`examples_per_s`). The issue's goal, folded at least 1.3x the throughput of
-unfolded at batch 256, is evaluated by `bench.report.goal_export`.
+A LeNet-BN with seeded random moving statistics, gammas and betas (folding
+then has real work to do, and the outputs are checked against the Keras
+model's) is exported with `training.export.export_model` twice:
+`savedmodel_folded` (`fold_bn=True`: no batch-norm op left in the graph) and
+`savedmodel_unfolded` (`fold_bn=False`: each `kerasbn.BatchNorm` as its
+compiled inference path, `x * a + b`). Both are loaded back and their
+`serving_float` signature is timed, interleaved with the Keras model's own
+predict step (`keras`, the reference of `ratio_to_keras` in this suite).
+Batch 1 measures latency (Python dispatch of the signature included, as a
+Python server pays it), batch 256 throughput. The goal is evaluated by
+`bench.report.goal_export`; the suite's notes say how it measured.
 """
 
 from __future__ import annotations
@@ -55,31 +41,18 @@ LOGIT_TOLERANCE = 1e-3
 def randomize_batch_norms(model, seed: int = 0) -> int:
     """Gives every batch norm of `model` random moving statistics, gamma and beta; returns how many.
 
-    A freshly built model has mean 0, variance 1, gamma 1 and beta 0, which
-    folding turns into (almost) nothing; random values make the folded
-    kernels differ from the originals, so the output check means something.
+    Fresh statistics (0, 1, 1, 0) fold into almost nothing; random ones make the output check mean something.
     """
     rng = np.random.default_rng(seed)
-    count = 0
-    for layer in model.layers:
-        if not hasattr(layer, "moving_variance"):
-            continue
+    layers = [layer for layer in model.layers if hasattr(layer, "moving_variance")]
+    for layer in layers:
         shape = tuple(layer.moving_mean.shape)
-        layer.moving_mean.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
-        layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-        if layer.gamma is not None:
-            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
-        if layer.beta is not None:
-            layer.beta.assign(rng.normal(0.0, 0.2, shape).astype("float32"))
-        count += 1
-    return count
-
-
-def _serving_call(signature, x):
-    def call():
-        return signature(images=x)
-
-    return call
+        draws = {"moving_mean": rng.normal(0.0, 0.5, shape), "moving_variance": rng.uniform(0.5, 2.0, shape),
+                 "gamma": rng.uniform(0.5, 1.5, shape), "beta": rng.normal(0.0, 0.2, shape)}
+        for name, values in draws.items():
+            if getattr(layer, name) is not None:
+                getattr(layer, name).assign(values.astype("float32"))
+    return len(layers)
 
 
 def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetition_s: float, extra: dict) -> List[dict]:
@@ -95,16 +68,11 @@ def run_batch(batch: int, signatures: dict, predict, repeats: int, min_repetitio
     for name, signature in signatures.items():
         logits = signature(images=x)["logits"].numpy()  # also the first (warm-up) call
         differences[name] = float(np.max(np.abs(logits - expected)))
-        if not differences[name] <= LOGIT_TOLERANCE:
-            records.append(
-                skipped(
-                    SUITE, name,
-                    reason=f"logits differ from the Keras model's by {differences[name]:.3g} > {LOGIT_TOLERANCE:g}",
-                    **label,
-                )
-            )  # fmt: skip
-            continue
-        candidates.append(Candidate(name, _serving_call(signature, x)))
+        if differences[name] <= LOGIT_TOLERANCE:
+            candidates.append(Candidate(name, lambda signature=signature: signature(images=x)))
+        else:
+            reason = f"logits differ from the Keras model's by {differences[name]:.3g} > {LOGIT_TOLERANCE:g}"
+            records.append(skipped(SUITE, name, reason=reason, **label))
     timings = time_interleaved(candidates, repeats=repeats, min_repetition_s=min_repetition_s, warmup_calls=2)
     label.update(batch=batch)
     records += timed_records(SUITE, timings, lambda name: dict(**label, max_abs_logit_diff_to_keras=differences[name],
@@ -127,11 +95,8 @@ def run_export(config: BenchConfig, previous) -> SuiteResult:
     min_repetition_s = 0.02 if config.quick else 0.2
     model = build_lenet("kerasbn")
     randomized = randomize_batch_norms(model)
-    predict = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)],
-        autograph=False,
-    )
+    signature = [tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)]
+    predict = tf.function(lambda x: model(x, training=False), input_signature=signature, autograph=False)
     records: List[dict] = []
     with tempfile.TemporaryDirectory(prefix="kerasbn-bench-export-") as folder:
         signatures, extra, loaded_models = {}, {}, []
@@ -144,27 +109,18 @@ def run_export(config: BenchConfig, previous) -> SuiteResult:
             loaded_models.append(loaded)
             signatures[name] = loaded.signatures[SIGNATURE]
             op_types = graph_op_types(version_dir)
-            extra[name] = {
-                "signature": SIGNATURE,
-                "fold_bn": fold_bn,
-                "export_s": exported - start,
-                "load_s": time.perf_counter() - exported,
-                # Op counts over all the SavedModel's functions (logits, serve, serve_float).
-                "batch_norm_ops": {op: op_types[op] for op in sorted(BATCH_NORM_OP_TYPES & set(op_types))},
-            }
+            # Op counts over all the SavedModel's functions (logits, serve, serve_float).
+            extra[name] = dict(signature=SIGNATURE, fold_bn=fold_bn, export_s=exported - start,
+                               load_s=time.perf_counter() - exported,
+                               batch_norm_ops={op: op_types[op] for op in sorted(BATCH_NORM_OP_TYPES & set(op_types))})
         for batch in BATCHES:
             records += run_batch(batch, signatures, predict, repeats, min_repetition_s, extra)
     notes = [
-        f"LeNet-BN (training.models.build_lenet('kerasbn')) with {randomized} batch norms given seeded random "
-        "moving statistics, gamma and beta; exported with training.export.export_model(fold_bn=True / False) "
-        "into a temporary folder and loaded back with tf.saved_model.load.",
-        f"Timed: the `{SIGNATURE}` signature (float32 [batch, 28, 28, 1] in; logits, probabilities, class ids out), "
-        "called from Python. `keras` here is the Keras model's own predict step, "
-        "tf.function(model(x, training=False)), and ratio_to_keras is relative to it (not to "
-        "keras.layers.BatchNormalization as in the layer suite).",
-        f"Warm-up: one checked call (logits compared with the Keras model's, max |difference| <= {LOGIT_TOLERANCE:g}) "
-        f"and two more; then {repeats} repetitions interleaved across the three (order rotated each round), each "
-        f"averaging enough calls to last >= {min_repetition_s * 1e3:.0f} ms. Batch 1: latency per request; "
-        "batch 256: throughput (examples/s).",
+        f"LeNet-BN with {randomized} batch norms given seeded random moving statistics, gamma and beta, exported "
+        "with training.export.export_model(fold_bn=True / False) and loaded back with tf.saved_model.load.",
+        f"Timed: the `{SIGNATURE}` signature (float32 [batch, 28, 28, 1] in), called from Python, against `keras`, "
+        "the Keras model's own predict step tf.function(model(x, training=False)): ratio_to_keras's reference here.",
+        f"One checked call (logits within {LOGIT_TOLERANCE:g} of the Keras model's), two warm-up calls, then "
+        f"{repeats} repetitions interleaved, each averaging calls over >= {min_repetition_s * 1e3:.0f} ms.",
     ]
     return SuiteResult(records=records, notes=notes)

@@ -10,28 +10,22 @@ import re
 import socket
 import subprocess
 import sys
-from typing import Optional
 
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model"):
-                    return value.strip()
+            fields = [line.partition(":") for line in cpuinfo]
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+        fields = []
+    names = [value.strip() for key, _, value in fields if key.strip() in ("model name", "Model", "cpu model")]
+    return next(iter(names), None) or platform.processor() or platform.machine() or "unknown"
 
 
 def usable_cores() -> int:
     """CPU cores this process may run on (the affinity mask where there is one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def host_name() -> str:
@@ -39,61 +33,32 @@ def host_name() -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname().split(".")[0]) or "host"
 
 
-def _git_commit() -> Optional[str]:
+def git_commit():
+    """The checkout's short commit, or None outside a git checkout."""
     root = pathlib.Path(__file__).resolve().parent.parent
+    command = ["git", "rev-parse", "--short", "HEAD"]
     try:
-        completed = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
+        completed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
-        return None
-    if completed.returncode != 0:
         return None
     return completed.stdout.strip() or None
 
 
 def header_record(config, started: datetime.datetime) -> dict:
-    """The first record of every result file.
-
-    Args:
-        config: The run's `BenchConfig`.
-        started: When the run began (UTC).
-    """
+    """The first record of every result file, for the run's `BenchConfig` begun at `started` (UTC)."""
     import keras
     import numpy as np
     import tensorflow as tf
 
     import kerasbn
 
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = None
-    return {
-        "record": "header",
-        "date": started.date().isoformat(),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "host": host_name(),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cores": usable_cores(),
-            "logical_cpus": os.cpu_count(),
-            "devices": [f"{d.device_type}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()],
-            "platform": platform.platform(),
-            "load_average_at_start": load,
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "kerasbn": kerasbn.__version__,
-            "numpy": np.__version__,
-        },
-        "keras_backend": keras.backend.backend(),
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on for x86 CPUs)"),
-        "git_commit": _git_commit(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
-        "quick": bool(config.quick),
-        "suites": list(config.suites),
-        "repeats": config.repeats,
-    }
+    devices = [f"{d.device_type}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()]
+    machine = dict(cpu_model=cpu_model(), cores=usable_cores(), logical_cpus=os.cpu_count(), devices=devices,
+                   platform=platform.platform(), load_average_at_start=[round(v, 2) for v in os.getloadavg()])
+    versions = dict(python=platform.python_version(), tensorflow=tf.__version__, keras=keras.__version__,
+                    kerasbn=kerasbn.__version__, numpy=np.__version__)
+    return dict(record="header", date=started.date().isoformat(), started_utc=started.isoformat(timespec="seconds"),
+                host=host_name(), machine=machine, versions=versions, keras_backend=keras.backend.backend(),
+                onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on for x86 CPUs)"), git_commit=git_commit(),
+                command=" ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+                quick=bool(config.quick), suites=list(config.suites), repeats=config.repeats)  # fmt: skip

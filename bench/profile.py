@@ -3,22 +3,14 @@
     python -m bench.profile --network resnet50        # a few minutes on a 2-core CPU
     python -m bench.profile --network lenet --quick   # under a minute, for a look (do not quote it)
 
-Writes `bench/results/<network>_profile.md` and `.json` (`--out` picks the
-folder). The variants are those of the `models` suite (`stock`,
-`kerasbn.convert`, `no_bn`; for LeNet `training.models.build_lenet` with
-norm keras, kerasbn and none), with the suite's training step
-(`bench.models_worker.train_call`), on one device. Two measurements:
-
-1. **Whole step**: the variants timed interleaved (`bench.timing`).
-2. **Op profile**: `tf.profiler.experimental` traces a few steps of each;
-   every op the executor ran is attributed to its layer's kind (from the
-   op's name scope) and to forward or backward (`gradient_tape/` scope).
-   Where ops ran at once on the executor's threads, the overlap is split
-   between them, so the kinds add up to the traced wall time.
-
-The LeNet profile of the layer's design (the what-ifs that became kerasbn's
-shape-aware training path, bench/results/lenet_profile.md) was written by
-this module's earlier, LeNet-only version: `git show 8ad8450:bench/profile_lenet.py`.
+Writes `bench/results/<network>_profile.md` and `.json`. The variants and the
+training step are the `models` suite's (for LeNet: `build_lenet` with norm
+keras, kerasbn and none), on one device: the whole steps timed interleaved,
+then a few steps of each traced by `tf.profiler.experimental`, every op the
+executor ran attributed to its layer's kind (from its name scope) and to
+forward or backward; ops running at once share their time, so the kinds add
+up to the traced wall time. bench/results/lenet_profile.md was written by this
+module's LeNet-only ancestor: `git show 8ad8450:bench/profile_lenet.py`.
 """
 
 from __future__ import annotations
@@ -38,9 +30,9 @@ from typing import Dict, List, Tuple
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from bench.models_worker import BOUND, CONVERTED, NETWORKS, STOCK  # noqa: E402
+from bench.models_suite import BOUND, CONVERTED, NETWORKS, STOCK  # noqa: E402
+from bench.suites import DEFAULT_OUT  # noqa: E402
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
 GAPS = "(no op running)"
 # Layer class -> kind; other layers are their class name, lower case.
 KINDS = {
@@ -52,27 +44,19 @@ KINDS = {
 
 def build(network: str, image_size: int, batch: int):
     """`{variant: model}`, compiled, and the synthetic dataset the suite uses."""
-    import keras
     import tensorflow as tf
 
-    from bench.models_worker import build_variants
-    from bench.training_worker import synthetic_dataset
+    from bench.models_suite import build_variants
+    from bench.workers import compile_models, synthetic_dataset
 
     if network == "lenet":
         from training.models import build_lenet
 
         models = {STOCK: build_lenet("keras"), CONVERTED: build_lenet("kerasbn"), BOUND: build_lenet("none")}
-        for model in models.values():
-            model.compile(optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(True))
-        return models, synthetic_dataset(batch)
+        return compile_models(models, from_logits=True), synthetic_dataset(batch)
     image_shape = (image_size, image_size, 3)
     strategy = tf.distribute.get_strategy()
     return build_variants(network, image_shape, strategy), synthetic_dataset(batch, image_shape, batches=4)
-
-
-def layer_kinds(model) -> Dict[str, str]:
-    """Layer name -> kind (`KINDS`), for every layer of `model`."""
-    return {layer.name: KINDS.get(type(layer).__name__, type(layer).__name__.lower()) for layer in model.layers}
 
 
 def classify(op: str, kinds: Dict[str, str]) -> Tuple[str, str]:
@@ -102,10 +86,7 @@ def _read_xspace(logdir: str):
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
         raise RuntimeError(f"The profiler wrote no .xplane.pb under {logdir!r}")
-    space = xplane_pb2.XSpace()
-    with open(paths[-1], "rb") as handle:
-        space.ParseFromString(handle.read())
-    return space
+    return xplane_pb2.XSpace.FromString(pathlib.Path(paths[-1]).read_bytes())
 
 
 def trace_events(space) -> Tuple[List[Tuple[int, int, str]], List[Tuple[int, int]]]:
@@ -139,23 +120,16 @@ def trace_events(space) -> Tuple[List[Tuple[int, int, str]], List[Tuple[int, int
 
 
 def attribute(ops, windows) -> Tuple[Dict[str, float], float, float]:
-    """Splits the wall time of `windows` among the ops running in it.
-
-    Each elementary interval between consecutive op boundaries is divided
-    equally among the ops active in it; time inside a window with no op
-    running goes to `GAPS`.
-
-    Returns:
-        `(seconds per op name, wall seconds of the windows, seconds summed over op durations)`.
-    """
+    """Splits the wall time of `windows` among the ops running in it: `(seconds per op name, wall seconds,
+    seconds summed over op durations)`. Each interval between op boundaries is divided equally among the ops
+    active in it; time with no op running goes to `GAPS`."""
     shares: Dict[str, float] = collections.defaultdict(float)
     ops = [(s, e, n) for s, e, n in ops if e > s]
     wall = summed = 0.0
     for window_start, window_end in windows:
         wall += (window_end - window_start) * 1e-12
-        inside = [
-            (max(s, window_start), min(e, window_end), n) for s, e, n in ops if s < window_end and e > window_start
-        ]
+        inside = [(max(s, window_start), min(e, window_end), n) for s, e, n in ops
+                  if s < window_end and e > window_start]  # fmt: skip
         summed += sum(e - s for s, e, _ in inside) * 1e-12
         points = sorted({window_start, window_end, *(s for s, _, _ in inside), *(e for _, e, _ in inside)})
         starts, ends = collections.defaultdict(list), collections.defaultdict(list)
@@ -178,7 +152,7 @@ def profile_step(model, call, steps: int) -> dict:
     """Traces `steps` calls of the warmed-up `call`; returns seconds per step by kind and by BN op type."""
     import tensorflow as tf
 
-    kinds = layer_kinds(model)
+    kinds = {layer.name: KINDS.get(type(layer).__name__, type(layer).__name__.lower()) for layer in model.layers}
     with tempfile.TemporaryDirectory(prefix="kerasbn-profile-") as logdir:
         tf.profiler.experimental.start(logdir)
         try:
@@ -196,29 +170,22 @@ def profile_step(model, call, steps: int) -> dict:
         by_kind[kind] += seconds / steps
         if kind == "bn":
             bn_ops[f"{op.rsplit(':', 1)[-1]} ({direction})"] += seconds / steps
-    return {
-        "step_s": wall / steps,
-        "op_seconds_summed_per_step": summed / steps,
-        "by_kind": dict(by_kind),
-        "bn_by_op_type": dict(sorted(bn_ops.items(), key=lambda item: -item[1])),
-        "bn_ops_per_step": bn_op_count,
-    }
+    return {"step_s": wall / steps, "op_seconds_summed_per_step": summed / steps, "by_kind": dict(by_kind),
+            "bn_by_op_type": dict(sorted(bn_ops.items(), key=lambda item: -item[1])), "bn_ops_per_step": bn_op_count}
 
 
 def run(network: str, quick: bool, image_size: int, batch: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from bench.models_worker import train_call
+    from bench.models_suite import train_call
     from bench.timing import Candidate, summarize, time_interleaved
 
     started = time.perf_counter()
     models, dataset = build(network, image_size, batch)
     calls = {variant: train_call(model, tf.distribute.get_strategy(), dataset) for variant, model in models.items()}
-    timings = time_interleaved(
-        [Candidate(variant, call) for variant, call in calls.items()],
-        repeats=3 if quick else 10, min_repetition_s=0.3, warmup_calls=2,
-    )  # fmt: skip
+    candidates = [Candidate(variant, call) for variant, call in calls.items()]
+    timings = time_interleaved(candidates, repeats=3 if quick else 10, min_repetition_s=0.3, warmup_calls=2)
     steps = {variant: summarize(timing.seconds) for variant, timing in timings.items()}
     profiles = {}
     for variant, call in calls.items():
@@ -242,7 +209,7 @@ def _ms(seconds: float) -> str:
 
 def render(result: dict) -> str:
     """The Markdown of `<network>_profile.md`."""
-    from bench.report import _table
+    from bench.report import records_table
 
     header, steps, profiles = result["header"], result["steps"], result["profiles"]
     variants = list(profiles)
@@ -253,20 +220,18 @@ def render(result: dict) -> str:
         f"- {header['machine']}; TensorFlow {header['tensorflow']}, Keras {header['keras']}; {header['date']}; "
         f"`{header['command']}`, {header['elapsed_s']:.0f} s; load {header['load_average']}"
         + (" (**quick run: do not quote**)" if header["quick"] else ""),
-        f"- Input {header['input']}, batch {header['batch']}, float32, SGD, the models "
-        "suite's training step, one device.",
+        f"- Input {header['input']}, batch {header['batch']}, float32, SGD, the models suite's training step, "
+        "one device.",
         "",
         "## Whole step (interleaved)",
         "",
     ]
-    rows = []
-    for variant, stats in steps.items():
-        share = (stats["median_s"] - bound) / (stock - bound) if stock != bound else float("nan")
-        rows.append([
-            variant, _ms(stats["median_s"]), f"{_ms(stats['min_s'])}-{_ms(stats['max_s'])}",
-            f"{stats['median_s'] / stock:.2f}x", f"{share:.2f}",
-        ])  # fmt: skip
-    lines += _table(["variant", "ms/step median", "min-max", "vs stock", "BN share"], rows)
+    lines += records_table([dict(stats, variant=variant) for variant, stats in steps.items()], [
+        ("variant", "variant"), ("ms/step median", lambda r: _ms(r["median_s"])),
+        ("min-max", lambda r: f"{_ms(r['min_s'])}-{_ms(r['max_s'])}"),
+        ("vs stock", lambda r: f"{r['median_s'] / stock:.2f}x"),
+        ("BN share", lambda r: f"{(r['median_s'] - bound) / (stock - bound) if stock != bound else float('nan'):.2f}"),
+    ])  # fmt: skip
     lines += ["", "## Op profile per step (TF profiler; ops overlapping in time share it)", ""]
     stock_kinds = profiles[STOCK]["by_kind"]
     kinds = sorted({k for p in profiles.values() for k in p["by_kind"]}, key=lambda k: -stock_kinds.get(k, 0.0))
@@ -275,19 +240,16 @@ def render(result: dict) -> str:
         seconds = profiles[variant]["by_kind"].get(kind, 0.0)
         return f"{_ms(seconds)} ({seconds / profiles[variant]['step_s']:.0%})"
 
-    rows = [[kind] + [kind_cell(v, kind) for v in variants] for kind in kinds]
-    rows.append(["**traced step**"] + [f"**{_ms(profiles[v]['step_s'])}**" for v in variants])
-    rows.append(["ops per step in BN scopes"] + [f"{profiles[v]['bn_ops_per_step']:.0f}" for v in variants])
-    lines += _table(["kind"] + [f"{v} ms (share)" for v in variants], rows)
-    lines += [
-        "",
-        "Traced steps are slower than the timed ones (the profiler's own cost). `gaps`: time in the step with no op "
-        "running on the executor's threads (launch, scheduling).",
-    ]
+    rows = [{"kind": kind, **{v: kind_cell(v, kind) for v in variants}} for kind in kinds]
+    rows.append({"kind": "**traced step**", **{v: f"**{_ms(profiles[v]['step_s'])}**" for v in variants}})
+    rows.append({"kind": "ops per step in BN scopes", **{v: f"{profiles[v]['bn_ops_per_step']:.0f}" for v in variants}})
+    lines += records_table(rows, [("kind", "kind")] + [(f"{v} ms (share)", v) for v in variants])
+    lines += ["", "Traced steps are slower than the timed ones (the profiler's own cost). `gaps`: time in the step "
+              "with no op running on the executor's threads (launch, scheduling)."]  # fmt: skip
     for variant in variants:
-        if profiles[variant]["bn_by_op_type"]:
-            top = list(profiles[variant]["bn_by_op_type"].items())[:8]
-            lines += ["", f"{variant}: BN time by op type (ms per step): " + ", ".join(f"{o} {_ms(t)}" for o, t in top)]
+        top = list(profiles[variant]["bn_by_op_type"].items())[:8]
+        lines += ["", f"{variant}: BN time by op type (ms per step): " + ", ".join(f"{o} {_ms(t)}" for o, t in top)
+                  ] if top else []  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -298,11 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=112, help="keras.applications networks only")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 for LeNet, 32 for the others")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bench/results)")
-    parser.add_argument(
-        "--no-remapper", action="store_true",
-        help="turn grappler's remapper off (it fuses FusedBatchNormV3 + Relu into _FusedBatchNormEx, and conv + bias "
-        "+ activation); writes <network>_no_remapper_profile.*",
-    )  # fmt: skip
+    parser.add_argument("--no-remapper", action="store_true", help="turn grappler's remapper off (it fuses "
+                        "FusedBatchNormV3 + Relu into _FusedBatchNormEx); writes <network>_no_remapper_profile.*")
     args = parser.parse_args(argv)
     if args.no_remapper:
         import tensorflow as tf
@@ -312,9 +271,8 @@ def main(argv=None) -> int:
     result = run(args.network, args.quick, args.image_size, batch)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.network + ("_no_remapper" if args.no_remapper else "")
+    stem, text = args.network + ("_no_remapper" if args.no_remapper else ""), render(result)
     (out / f"{stem}_profile.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    text = render(result)
     (out / f"{stem}_profile.md").write_text(text, encoding="utf-8")
     print(text)
     return 0

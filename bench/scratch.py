@@ -1,12 +1,9 @@
-"""A from-scratch batch norm, the way a reader of the source text first writes one.
+"""A from-scratch batch norm, the way a reader of the source text first writes one: the benchmark's baseline.
 
-The text's TensorFlow version computes the batch moments with
-`tf.reduce_mean`, keeps moving averages with momentum 0.9 by assigning to the
-variables, and normalizes with a separate function. This is that design in
-Keras 3 (variables created in `build`, `variable.assign`), with an `axis`
-argument so that it also runs on NCHW inputs. It is the baseline the
-benchmark measures the other implementations against; it is not part of
-the `kerasbn` package.
+The text's TensorFlow version computes the batch moments with `tf.reduce_mean`,
+keeps moving averages by assigning to the variables, and normalizes with a
+separate function. This is that design in Keras 3, with an `axis` argument so
+that it also runs on NCHW inputs. It is not part of the `kerasbn` package.
 """
 
 from __future__ import annotations
@@ -22,23 +19,15 @@ def scratch_batch_norm(x, gamma, beta, mean, variance, epsilon):
 
 
 class ScratchBatchNorm(keras.layers.Layer):
-    """Batch normalization over every axis but `axis`, written with plain TensorFlow ops.
+    """Batch normalization over every axis but `axis` (-1 for NHWC and dense inputs, 1 for NCHW), in TensorFlow ops.
 
     Training mode normalizes with the batch mean and (biased) variance and
     updates `moving = momentum * moving + (1 - momentum) * batch_value`.
-
-    Args:
-        axis: The feature axis (-1 for NHWC and dense inputs, 1 for NCHW).
-        momentum: Weight of the old value in the moving averages.
-        epsilon: Added to the variance.
-        **kwargs: Base layer arguments.
     """
 
     def __init__(self, axis: int = -1, momentum: float = 0.9, epsilon: float = 1e-3, **kwargs):
         super().__init__(**kwargs)
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
+        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -51,9 +40,8 @@ class ScratchBatchNorm(keras.layers.Layer):
         self.gamma = self.add_weight(name="gamma", shape=channels, initializer="ones")
         self.beta = self.add_weight(name="beta", shape=channels, initializer="zeros")
         self.moving_mean = self.add_weight(name="moving_mean", shape=channels, initializer="zeros", trainable=False)
-        self.moving_variance = self.add_weight(
-            name="moving_variance", shape=channels, initializer="ones", trainable=False
-        )
+        self.moving_variance = self.add_weight(name="moving_variance", shape=channels, initializer="ones",
+                                               trainable=False)  # fmt: skip
 
     def assign_moving_average(self, variable, value):
         variable.assign(variable * self.momentum + value * (1.0 - self.momentum))
@@ -61,15 +49,12 @@ class ScratchBatchNorm(keras.layers.Layer):
     def call(self, inputs, training=False):
         if training:
             batch_mean = tf.reduce_mean(inputs, self._reduce_axes, keepdims=True)
-            batch_variance = tf.reduce_mean(
-                tf.math.squared_difference(inputs, tf.stop_gradient(batch_mean)), self._reduce_axes, keepdims=True
-            )
+            deviation = tf.math.squared_difference(inputs, tf.stop_gradient(batch_mean))
+            batch_variance = tf.reduce_mean(deviation, self._reduce_axes, keepdims=True)
             self.assign_moving_average(self.moving_mean, tf.reshape(batch_mean, [-1]))
             self.assign_moving_average(self.moving_variance, tf.reshape(batch_variance, [-1]))
             mean, variance = batch_mean, batch_variance
         else:
-            mean = tf.reshape(self.moving_mean, self._param_shape)
-            variance = tf.reshape(self.moving_variance, self._param_shape)
-        gamma = tf.reshape(self.gamma, self._param_shape)
-        beta = tf.reshape(self.beta, self._param_shape)
+            mean, variance = (tf.reshape(v, self._param_shape) for v in (self.moving_mean, self.moving_variance))
+        gamma, beta = (tf.reshape(v, self._param_shape) for v in (self.gamma, self.beta))
         return scratch_batch_norm(inputs, gamma, beta, mean, variance, self.epsilon)

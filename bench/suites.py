@@ -1,20 +1,16 @@
-"""The registry of benchmark suites, and the config every suite reads.
+"""The registry of benchmark suites, the config every suite reads, and the records suites return.
 
-A suite is one part of the benchmark (the layer alone, the memory floor, LeNet
-training, the exported SavedModel). It is a function that takes the run's
-`BenchConfig` and the results of the suites that ran before it, and returns a
-`SuiteResult`: a status and a list of records (plain dicts, the rows of the
-JSON file). Register a new suite with the decorator:
+A suite is a function of the run's `BenchConfig` and the results of the suites
+that ran before it, returning a `SuiteResult`: a status and a list of records
+(plain dicts, the rows of the JSON file). Register a new suite with:
 
     @register_suite("export", "SavedModel inference, folded against unfolded")
     def run_export(config: BenchConfig, previous: dict) -> SuiteResult:
         ...
         return SuiteResult(status="ok", records=[measurement(...), ...])
 
-`python -m bench --suite NAME` picks suites by name; `requires` names suites
-whose results this one reads (they are run first, also when not asked for).
-A suite that is only a placeholder registers with `counts_as_done=False`, and
-the report marks it as such.
+`requires` names suites whose results this one reads (run first, also when
+not asked for); a placeholder registers with `counts_as_done=False`.
 """
 
 from __future__ import annotations
@@ -39,10 +35,9 @@ class BenchConfig:
     """What `python -m bench` was asked to do.
 
     Attributes:
-        quick: The ~2-minute smoke version: fewer shapes, networks, repeats and steps.
-        suites: Names of the suites to run, in registry order; empty runs all.
-        repeats: Timed repetitions per measurement; None uses each suite's
-            default (more for a full run than for `quick`).
+        quick: The few-minute smoke version: fewer shapes, networks, repeats and steps.
+        suites: Names of the suites to run (and those they require); empty runs all.
+        repeats: Timed repetitions per measurement; None: each suite's default.
         out: Folder the `.md` and `.json` files are written to.
     """
 
@@ -56,9 +51,8 @@ class BenchConfig:
             raise ValueError(f"`repeats` must be a positive integer or None. Received: repeats={self.repeats!r}")
         unknown = [name for name in self.suites if name not in SUITES]
         if unknown:
-            raise ValueError(
-                f"`suites` names unknown suites {unknown}; known: {list(SUITES)}. Received: suites={list(self.suites)}"
-            )
+            raise ValueError(f"`suites` names unknown suites {unknown}; known: {list(SUITES)}. "
+                             f"Received: suites={list(self.suites)}")  # fmt: skip
         self.out = pathlib.Path(self.out)
 
     def repeats_or(self, full: int, quick: int) -> int:
@@ -70,15 +64,8 @@ class BenchConfig:
 
 @dataclasses.dataclass
 class SuiteResult:
-    """What one suite produced.
-
-    Attributes:
-        status: "ok", "skipped" (could not run here; `reason` says why) or
-            "failed" (raised; `reason` holds the error).
-        records: Measurement and other records, as dicts.
-        reason: Why the suite was skipped or failed; empty when ok.
-        notes: Lines for the report (how the suite measured, what it skipped).
-    """
+    """What one suite produced: "ok", "skipped" or "failed" (with the `reason`), records, and notes for the
+    report (how the suite measured)."""
 
     status: str = "ok"
     records: List[dict] = dataclasses.field(default_factory=list)
@@ -91,16 +78,7 @@ SuiteFunction = Callable[[BenchConfig, Dict[str, SuiteResult]], SuiteResult]
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """A registered suite.
-
-    Attributes:
-        name: What `--suite` calls it; also the `suite` field of its records.
-        description: One line for `--help` and the report.
-        run: The suite function.
-        requires: Suites that must run before this one (their results are
-            passed to `run`).
-        counts_as_done: False for a placeholder that only reports "skipped".
-    """
+    """A registered suite: `name` is what `--suite` calls it, and its records' `suite`."""
 
     name: str
     description: str
@@ -112,26 +90,16 @@ class Suite:
 SUITES: Dict[str, Suite] = {}
 
 
-def register_suite(
-    name: str,
-    description: str,
-    requires: Sequence[str] = (),
-    counts_as_done: bool = True,
-):
-    """Decorator adding a suite function to `SUITES` under `name`.
-
-    Suites run in the order they are registered (dependencies first).
-    """
+def register_suite(name: str, description: str, requires: Sequence[str] = (), counts_as_done: bool = True):
+    """Decorator adding a suite function to `SUITES` under `name` (`bench.load_suites` puts them in run order)."""
 
     def decorate(function: SuiteFunction) -> SuiteFunction:
         if name in SUITES:
             raise ValueError(f"A suite named {name!r} is already registered. Received: name={name!r}")
         missing = [r for r in requires if r not in SUITES]
         if missing:
-            raise ValueError(
-                f"Suite {name!r} requires {missing}, which must be registered before it. "
-                f"Received: requires={list(requires)}"
-            )
+            raise ValueError(f"Suite {name!r} requires {missing}, which must be registered before it. "
+                             f"Received: requires={list(requires)}")  # fmt: skip
         SUITES[name] = Suite(name, description, function, tuple(requires), counts_as_done)
         return function
 
@@ -150,13 +118,15 @@ def resolve(names: Sequence[str]) -> List[Suite]:
     return [suite for name, suite in SUITES.items() if name in wanted]
 
 
+def _case(record, suite, implementation, shape, layout, mode, jit, replicas) -> dict:
+    """The fields that name what a record measured (shared by measurements and skips)."""
+    return dict(record=record, suite=suite, implementation=implementation, shape=list(shape), layout=layout,
+                mode=mode, jit=bool(jit), replicas=int(replicas))  # fmt: skip
+
+
 def measurement(suite: str, implementation: str, shape: Sequence[int], layout: str, mode: str, jit: bool,
                 seconds: Sequence[float], replicas: int = 1, **extra) -> dict:  # fmt: skip
-    """A measurement record from the per-repetition times of one implementation.
-
-    `ratio_to_keras` is filled in later (`report.add_ratios`), once the
-    reference implementation of the same group has been measured.
-    """
+    """A measurement record from the per-repetition times of one implementation (ratios: `report.add_ratios`)."""
     from bench.timing import summarize
 
     case = _case("measurement", suite, implementation, shape, layout, mode, jit, replicas)
@@ -173,9 +143,8 @@ def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> Li
     """A measurement per candidate `bench.timing.time_interleaved` timed, a skip (its error) per one it could not.
 
     `label(name)` gives the record's fields (shape, layout, mode, jit, any
-    others); a measurement also gets the calls per repetition, the first
-    call's seconds and the load average, unless `label` sets them. Prints
-    each median, to follow a long run.
+    others), which may override the calls per repetition, first call's
+    seconds and load average. Prints each median, to follow a long run.
     """
     load = [round(value, 2) for value in os.getloadavg()]
     records = [
@@ -190,9 +159,3 @@ def timed_records(suite: str, timings: dict, label: Callable[[str], dict]) -> Li
         case = f"{tuple(r['shape'])} {r['layout']} {r['mode']}{' jit' * r['jit']} {r['replicas']} replica(s)"
         print(f"[{suite}] {r['implementation']} {case}: {what}", file=sys.stderr, flush=True)
     return records
-
-
-def _case(record, suite, implementation, shape, layout, mode, jit, replicas) -> dict:
-    """The fields that name what a record measured (shared by measurements and skips)."""
-    return dict(record=record, suite=suite, implementation=implementation, shape=list(shape), layout=layout,
-                mode=mode, jit=bool(jit), replicas=int(replicas))  # fmt: skip

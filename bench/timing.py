@@ -1,11 +1,9 @@
 """Interleaved timing: every candidate measured in turn, round after round.
 
-On a shared machine the speed drifts (other processes, frequency scaling,
-thermal limits). Timing A A A ... then B B B ... lets that drift land on one
-candidate only; timing A B C A B C ... (here with the order rotated each
-round, so no candidate always runs right after the same other one) spreads
-it over all of them, and the ratios between candidates stay meaningful even
-where the absolute times do not.
+On a shared machine the speed drifts (other processes, frequency scaling).
+Timing A A A ... then B B B ... lets the drift land on one candidate; A B C
+A B C ... (the order rotated each round) spreads it over all, so the ratios
+between candidates stay meaningful where the absolute times do not.
 """
 
 from __future__ import annotations
@@ -20,16 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 @dataclasses.dataclass
 class Candidate:
-    """One thing to time.
-
-    Attributes:
-        name: Its label in the results.
-        call: Runs it once and returns only when the work is done (see
-            `block_until_done`).
-        self_timed: If True, `call` returns the seconds it measured itself
-            (e.g. an epoch inside `fit`, without fit's set-up), and that is
-            the time recorded; each repetition is then one call.
-    """
+    """One thing to time: `call` runs it once; a `self_timed` call returns the seconds it measured itself (e.g.
+    an epoch inside `fit`, without fit's set-up), recorded as one repetition."""
 
     name: str
     call: Callable[[], object]
@@ -38,15 +28,8 @@ class Candidate:
 
 @dataclasses.dataclass
 class Timings:
-    """The outcome of `time_interleaved` for one candidate.
-
-    Attributes:
-        seconds: Time per call, one entry per repetition.
-        calls_per_repetition: How many calls each repetition averaged over.
-        first_call_s: The first warm-up call (tracing and compiling
-            included); NaN without warm-up calls.
-        error: Why the candidate could not be timed; then `seconds` is empty.
-    """
+    """One candidate's time per call in each repetition (averaged over `calls_per_repetition` calls), its first
+    warm-up call's time (tracing and compiling included), or the `error` that kept it from being timed."""
 
     seconds: List[float] = dataclasses.field(default_factory=list)
     calls_per_repetition: int = 1
@@ -58,55 +41,30 @@ def summarize(seconds: Sequence[float]) -> dict:
     """Median, min, max and count of per-repetition times."""
     if not seconds:
         raise ValueError(f"`seconds` must hold at least one time. Received: seconds={list(seconds)!r}")
-    return {
-        "median_s": statistics.median(seconds),
-        "min_s": min(seconds),
-        "max_s": max(seconds),
-        "repeats": len(seconds),
-    }
+    return dict(median_s=statistics.median(seconds), min_s=min(seconds), max_s=max(seconds), repeats=len(seconds))
 
 
 def describe_error(error: BaseException) -> str:
     """The error's type and first line, short enough for a table cell."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    if len(first) > 240:
-        first = first[:237] + "..."
-    return f"{type(error).__name__}: {first}"
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first if len(first) <= 240 else first[:237] + '...'}"
 
 
-def time_interleaved(
-    candidates: Sequence[Candidate],
-    repeats: int,
-    min_repetition_s: float,
-    max_calls_per_repetition: int = 1000,
-    block_until_done: Callable[[object], None] = lambda result: None,
-    warmup_calls: int = 1,
-) -> Dict[str, Timings]:
-    """Times `candidates` interleaved, after a warm-up.
+def time_interleaved(candidates: Sequence[Candidate], repeats: int, min_repetition_s: float,
+                     max_calls_per_repetition: int = 1000, block_until_done: Callable[[object], None] = lambda r: None,
+                     warmup_calls: int = 1) -> Dict[str, Timings]:  # fmt: skip
+    """Times `candidates` interleaved, after a warm-up; returns a `Timings` per candidate name.
 
     Warm-up: each candidate is called `warmup_calls` times (the first call
     traces and compiles; pass 0 for candidates already called), then once
-    more, timed, to set how many calls one repetition makes so that it lasts
-    at least `min_repetition_s` (short calls are dominated by timer
-    resolution and dispatch jitter otherwise). A candidate that raises
-    during warm-up is not timed; its `Timings.error` says why.
-
-    Then `repeats` rounds, each timing every candidate once, in an order
-    rotated by one each round. The garbage collector is off while timing.
-
-    Args:
-        candidates: What to time.
-        repeats: Number of rounds (repetitions per candidate).
-        min_repetition_s: Shortest wall time one repetition should last.
-        max_calls_per_repetition: Upper bound on calls per repetition.
-        warmup_calls: Untimed calls before the calibrating one.
-        block_until_done: Called with each call's result before the clock
-            stops (on GPUs: wait for the device; on CPUs calls are
-            synchronous and nothing needs doing).
-
-    Returns:
-        A `Timings` per candidate name.
+    more, timed, to set how many calls (at most `max_calls_per_repetition`)
+    one repetition makes so that it lasts at least `min_repetition_s` (short
+    calls are dominated by timer resolution and dispatch jitter otherwise). A
+    candidate that raises during warm-up is not timed; its `Timings.error`
+    says why. Then `repeats` rounds, each timing every candidate once, in an
+    order rotated by one each round, with the garbage collector off.
+    `block_until_done(result)` runs before the clock stops (on GPUs: wait for
+    the device; on CPUs calls are synchronous).
     """
     if repeats < 1:
         raise ValueError(f"`repeats` must be at least 1. Received: repeats={repeats}")
@@ -142,9 +100,7 @@ def time_interleaved(
                 if candidate.self_timed:
                     timings.seconds.append(float(candidate.call()))
                     continue
-                calls = timings.calls_per_repetition
-                result = None
-                start = time.perf_counter()
+                calls, result, start = timings.calls_per_repetition, None, time.perf_counter()
                 for _ in range(calls):
                     result = candidate.call()
                 block_until_done(result)
