@@ -35,7 +35,7 @@ REQUIRED_FIELDS = (
 def quick_run(tmp_path_factory):
     """Runs `python -m bench --quick --out <tmp>` once; returns (completed process, out folder)."""
     out = tmp_path_factory.mktemp("bench")
-    completed = run_python(["-m", "bench", "--quick", "--out", out], env=TENSORFLOW, timeout=600, check=False)
+    completed = run_python(["-m", "bench", "--quick", "--out", out], env=TENSORFLOW, timeout=1200, check=False)
     return completed, out
 
 
