@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Iterable, Optional
 
 import keras
 import numpy as np
-from keras.src.utils import io_utils
 
 from kerasbn.distributed import sync_moving_statistics
 from kerasbn.statistics import batch_norm_layers, recompute_statistics
@@ -192,10 +192,15 @@ class PreciseBN(keras.callbacks.Callback):
             count = sum(layer.trainable for layer in batch_norm_layers(self.model))
             layers = "layer" if count == 1 else "layers"
             batches = "batch" if used == 1 else "batches"
-            io_utils.print_msg(
+            message = (
                 f"PreciseBN ({when}): recomputed statistics of {count} {layers} "
                 f"from {used} {batches} in {elapsed:.1f} s"
             )
+            # Where Keras's own callbacks print: stdout, or the log once interactive logging is off.
+            if keras.config.is_interactive_logging_enabled():
+                print(message, flush=True)
+            else:
+                logging.getLogger(__name__).info(message)
         return used
 
     def _weights_fingerprint(self) -> bytes:

@@ -386,3 +386,18 @@ def test_precise_bn_under_mirrored_strategy():
             np.testing.assert_allclose(copy, np.mean([m for m, _ in moments], axis=0), atol=1e-5)
     for copy in data["variance_copies"]:
         np.testing.assert_allclose(copy, np.mean([v for _, v in moments], axis=0), atol=1e-5)
+
+
+def test_progress_goes_to_the_log_when_interactive_logging_is_off(rng, capsys, caplog):
+    keras.utils.set_random_seed(6)
+    model = _model()
+    x, y = _data(rng, 16)
+    keras.config.disable_interactive_logging()
+    try:
+        with caplog.at_level("INFO", logger="kerasbn.callbacks"):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[PreciseBN(_precise_batches(rng), 2)])
+    finally:
+        keras.config.enable_interactive_logging()
+    assert capsys.readouterr().out == ""
+    messages = [record.getMessage() for record in caplog.records if record.name == "kerasbn.callbacks"]
+    assert [LINE.match(message)["when"] for message in messages] == ["end of training"], messages
