@@ -307,6 +307,12 @@ def _swap_batch_norm(layer, to, path):
             "(Keras 3) cannot express: `virtual_batch_size` is not one of its arguments. "
             f"Received: to='keras' for layer {path!r} with virtual_batch_size={layer.virtual_batch_size!r}"
         )
+    if config.pop("sync_group_size") is not None:
+        raise ValueError(
+            f"Layer {path!r} (kerasbn.BatchNorm) synchronizes within groups of replicas, which "
+            "keras.layers.BatchNormalization cannot express: `sync_group_size` is not one of its arguments. "
+            f"Received: to='keras' for layer {path!r} with sync_group_size={layer.sync_group_size!r}"
+        )
     # Which kernel runs is not part of the math; the stock layer picks its own.
     config.pop("fused")
     return keras.layers.BatchNormalization.from_config(config)
