@@ -28,24 +28,22 @@ def test_quick_study_writes_table_json_and_plot_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "sync_study.json").read_text())
     rows = summary["rows"]
-    assert {row["mode"] for row in rows} == set(MODE_KEYS)
-    assert {row["batch"] for row in rows} == {2, 4}
+    assert {(row["mode"], row["batch"]) for row in rows} == {(mode, 2) for mode in MODE_KEYS}
     for row in rows:
         for column in ("test_acc_recomputed", "test_acc_moving"):
             assert 0.0 <= row[column]["min"] <= row[column]["mean"] <= row[column]["max"] <= 1.0
+            assert row[column]["values"] and row[column]["mean"] > 0.0
         assert math.isfinite(row["step_ms"]) and row["step_ms"] > 0
-        # Ghost BN trains at the largest per-replica batch; the others at their own.
-        assert row["global_batch"] == REPLICAS * (4 if row["mode"] == "ghost" else row["batch"])
-        assert row["virtual_batch_size"] == (2 if row["mode"] == "ghost" and row["batch"] == 2 else None)
-    # At the largest batch ghost BN is the local run itself, trained once.
-    cell = {(row["mode"], row["batch"]): row for row in rows}
-    assert cell["ghost", 4]["test_acc_moving"] == cell["local", 4]["test_acc_moving"]
+        assert row["global_batch"] == REPLICAS * 2 and row["steps"] == 64 // (REPLICAS * 2)
+    # At the largest batch ghost BN is the local run itself: trained once, timed once.
+    cell = {row["mode"]: row for row in rows}
+    assert cell["ghost"]["test_acc_moving"] == cell["local"]["test_acc_moving"]
+    assert cell["ghost"]["step_ms"] == cell["local"]["step_ms"]
+    assert "1 reused from finished runs" in first.stdout, first.stdout[-2000:]
     table = (out / "sync_study.md").read_text()
     assert table.count("\n| ") == 1 + len(rows)
     assert "synchronized in groups of 2" in table
     assert (out / "sync_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Every distinct configuration trained once: ghost at batch 4 reuses local's run.
-    assert "1 reused from finished runs" in first.stdout, first.stdout[-2000:]
 
     again = _study(out)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -70,3 +68,20 @@ def test_runs_share_examples_and_scale_the_learning_rate():
     assert {run.limit_train for run in runs} == {config.examples}
     assert all(run.lr == pytest.approx(run.batch_size / 256) for run in runs)
     assert all(run.cpu_replicas == REPLICAS for run in runs)
+    # Ghost BN: the largest per-replica batch, its statistics over the x-axis batch.
+    ghost = {batch: config.train_config(MODES[-1], batch, 0) for batch in config.batch_list()}
+    assert {run.batch_size for run in ghost.values()} == {REPLICAS * 32}
+    assert [ghost[b].virtual_batch_size for b in (2, 4, 8, 16, 32)] == [2, 4, 8, 16, None]
+    groups = config.train_config(MODES[2], 2, 0)
+    assert (groups.sync_bn, groups.sync_group_size, groups.batch_size) == (True, 2, REPLICAS * 2)
+
+
+def test_the_guide_shows_the_committed_study():
+    # The page links the committed plot and table where they live in the checkout (docs/hooks.py serves them).
+    page = open(os.path.join(REPO, "docs", "guides", "when-to-synchronize.md")).read()
+    for name in ("sync_study.png", "sync_study.md"):
+        assert f"](../../training/results/{name})" in page, name
+        assert os.path.isfile(os.path.join(REPO, "training", "results", name)), name
+    rows = json.loads(open(os.path.join(REPO, "training", "results", "sync_study.json")).read())["rows"]
+    assert {row["mode"] for row in rows} == set(MODE_KEYS)
+    assert "guides/when-to-synchronize.md" in open(os.path.join(REPO, "mkdocs.yml")).read()
