@@ -48,6 +48,8 @@ class TrainConfig:
     affine: bool = flag_field(True, "Learn the normalization's gamma and beta (--no-affine fixes gamma = 1, beta = 0).")
     bn_momentum: float = flag_field(0.9, "Moving-average momentum of the BN layers (Keras convention: weight of the OLD value).")
     sync_bn: bool = flag_field(False, "Batch statistics over the global batch of all replicas (synchronized=True).")
+    sync_group_size: Optional[int] = flag_field(None, "With --sync-bn: synchronize within groups of this many consecutive replicas (kerasbn only; default: all replicas).")
+    virtual_batch_size: Optional[int] = flag_field(None, "Ghost batch norm: BN statistics over sub-batches of this many examples of each replica's batch (kerasbn only).")
     strategy: str = flag_field("auto", "tf.distribute strategy: auto = MirroredStrategy over several GPUs (or --cpu-replicas), else one device.", choices=STRATEGIES)
     cpu_replicas: int = flag_field(0, "Split the CPU into N logical devices so MirroredStrategy runs N replicas without GPUs (0 = off).")
     seed: int = flag_field(0, "Random seed: same seed and strategy give the same history.")
@@ -76,7 +78,7 @@ class TrainConfig:
             raise ConfigError(f"`--strategy` must be one of {STRATEGIES}. Received: strategy={self.strategy!r}")
         if self.cpu_replicas < 0:
             raise ConfigError(f"`--cpu-replicas` must be >= 0. Received: cpu_replicas={self.cpu_replicas}")
-        for name in ("limit_train", "limit_test"):
+        for name in ("limit_train", "limit_test", "sync_group_size", "virtual_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"`--{flag_name(name)}` must be a positive integer. Received: {name}={value}")
@@ -106,6 +108,15 @@ class TrainConfig:
             )
         if self.sync_bn and self.norm not in ("kerasbn", "keras"):
             raise ConfigError(f"`--sync-bn` needs a kerasbn or keras BN layer. Received: sync_bn=True with norm={self.norm!r}")
+        if self.sync_group_size is not None and not (self.sync_bn and self.norm == "kerasbn"):
+            raise ConfigError(
+                "`--sync-group-size` needs --sync-bn and --norm kerasbn. "
+                f"Received: sync_group_size={self.sync_group_size} with sync_bn={self.sync_bn}, norm={self.norm!r}"
+            )
+        if self.virtual_batch_size is not None and self.norm != "kerasbn":
+            raise ConfigError(
+                f"`--virtual-batch-size` needs --norm kerasbn. Received: virtual_batch_size={self.virtual_batch_size} with norm={self.norm!r}"
+            )
         return self
 
     def default_run_name(self) -> str:
@@ -114,6 +125,10 @@ class TrainConfig:
             name += f"-cpu{self.cpu_replicas}"
         if self.sync_bn:
             name += "-syncbn"
+        if self.sync_group_size:
+            name += f"-groups{self.sync_group_size}"
+        if self.virtual_batch_size:
+            name += f"-vbs{self.virtual_batch_size}"
         if self.norm_places != "all":
             name += f"-{self.norm_places}"
         if not self.bias:

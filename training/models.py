@@ -12,6 +12,8 @@ a learned or a fixed (gamma = 1, beta = 0) affine transform.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import keras
 
 import kerasbn
@@ -37,10 +39,12 @@ def _groups(channels: int) -> int:
     return next(groups for groups in (4, 3, 2) if channels % groups == 0)
 
 
-def _norm_layer(norm: str, momentum: float, synchronized: bool, affine: bool, name: str):
+def _norm_layer(norm: str, momentum: float, synchronized: bool, affine: bool, name: str, **kerasbn_only):
     is_conv = name in ("bn1", "bn2")
     if norm == "kerasbn":
-        return kerasbn.BatchNorm(momentum=momentum, synchronized=synchronized, center=affine, scale=affine, name=name)
+        return kerasbn.BatchNorm(
+            momentum=momentum, synchronized=synchronized, center=affine, scale=affine, name=name, **kerasbn_only
+        )
     if norm == "keras":
         return keras.layers.BatchNormalization(
             momentum=momentum, synchronized=synchronized, center=affine, scale=affine, name=name
@@ -65,6 +69,8 @@ def build_lenet(
     bias: bool = True,
     dropout: float = 0.0,
     affine: bool = True,
+    sync_group_size: Optional[int] = None,
+    virtual_batch_size: Optional[int] = None,
 ) -> keras.Model:
     """Builds LeNet-BN (10 logits) for (28, 28, 1) float32 images.
 
@@ -83,6 +89,10 @@ def build_lenet(
             normalization follows (its beta does the same job).
         dropout: Rate of a Dropout after each hidden dense layer's sigmoid (0 = none).
         affine: False fixes gamma = 1 and beta = 0 (`center=False, scale=False`).
+        sync_group_size: With `sync_bn`, synchronize within groups of this
+            many consecutive replicas (kerasbn only; None: all replicas).
+        virtual_batch_size: Ghost batch norm: statistics over sub-batches of
+            this many examples of each replica's batch (kerasbn only).
 
     Build it inside `strategy.scope()` to distribute it.
     """
@@ -92,6 +102,14 @@ def build_lenet(
         raise ValueError(f"`norm_places` must be one of {tuple(NORM_PLACES)}. Received: norm_places={norm_places!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    # Passed only when set, so the builder works with a layer that lacks an argument.
+    kerasbn_only = {
+        key: value
+        for key, value in (("sync_group_size", sync_group_size), ("virtual_batch_size", virtual_batch_size))
+        if value is not None
+    }
+    if kerasbn_only and norm != "kerasbn":
+        raise ValueError(f"`{next(iter(kerasbn_only))}` needs norm='kerasbn'. Received: norm={norm!r}")
     places = NORM_PLACES[norm_places] if norm != "none" else ()
 
     def biased(place: str) -> bool:
@@ -116,7 +134,7 @@ def build_lenet(
                 layers.append(keras.layers.Dropout(dropout, name=block))
         elif isinstance(block, str):
             if block in places:
-                layers.append(_norm_layer(norm, bn_momentum, sync_bn, affine, block))
+                layers.append(_norm_layer(norm, bn_momentum, sync_bn, affine, block, **kerasbn_only))
         else:
             layers.append(block)
     return keras.Sequential([keras.Input((28, 28, 1), name="images")] + layers, name=f"lenet_{norm}")

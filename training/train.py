@@ -112,6 +112,7 @@ def run(config: TrainConfig) -> dict:
         model = models.build_lenet(
             config.norm, config.bn_momentum, config.sync_bn,
             norm_places=config.norm_places, bias=config.bias, dropout=config.dropout, affine=config.affine,
+            sync_group_size=config.sync_group_size, virtual_batch_size=config.virtual_batch_size,
         )
         optimizer = keras.optimizers.SGD(learning_rate=config.lr)
     loop = Loop(

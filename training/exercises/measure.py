@@ -147,12 +147,14 @@ def evaluate_saved_model(config: TrainConfig, run_dir: str) -> Tuple[float, int]
     return accuracy, int(model.count_params())
 
 
-def step_times(configs: Dict[str, TrainConfig], batch_size: int, rounds: int, steps: int, data_dir) -> Dict[str, float]:
+def step_times(configs: Dict[str, TrainConfig], rounds: int, steps: int, data_dir) -> Dict[str, float]:
     """Milliseconds per training step of each configuration's model, timed interleaved.
 
-    Each round times `steps` steps of every model in turn, so that load from
-    other processes falls on all of them alike; the result is the median
-    over rounds. The steps are the training loop's own (`Loop.train_on_batch`).
+    Each configuration trains on one batch of its own `batch_size` (global,
+    split across the replicas of the `auto` strategy). Each round times
+    `steps` steps of every model in turn, so that load from other processes
+    falls on all of them alike; the result is the median over rounds. The
+    steps are the training loop's own (`Loop.train_on_batch`).
     """
     import tempfile
 
@@ -162,25 +164,27 @@ def step_times(configs: Dict[str, TrainConfig], batch_size: int, rounds: int, st
     from training.loop import Loop
 
     strategy = distribute.get_strategy("auto")
-    batch = next(iter(data.make_dataset("train", batch_size, training=True, data_dir=data_dir, seed=0)))
-    loops = {}
+    loops, batches = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, config in configs.items():
+            dataset = data.make_dataset("train", config.batch_size, training=True, data_dir=data_dir, seed=0)
+            batches[name] = next(iter(strategy.experimental_distribute_dataset(dataset)))
             keras.utils.set_random_seed(0)
             with strategy.scope():
                 model = models.build_lenet(
-                    config.norm, config.bn_momentum, norm_places=config.norm_places,
+                    config.norm, config.bn_momentum, config.sync_bn, norm_places=config.norm_places,
                     bias=config.bias, dropout=config.dropout, affine=config.affine,
+                    sync_group_size=config.sync_group_size, virtual_batch_size=config.virtual_batch_size,
                 )
                 optimizer = keras.optimizers.SGD(learning_rate=config.lr)
-            loops[name] = Loop(model, optimizer, strategy, os.path.join(scratch, name), batch_size, verbose=False)
+            loops[name] = Loop(model, optimizer, strategy, os.path.join(scratch, name), config.batch_size, verbose=False)
             for _ in range(3):  # trace and warm up
-                loops[name].train_on_batch(batch)
+                loops[name].train_on_batch(batches[name])
         samples: Dict[str, List[float]] = {name: [] for name in loops}
         for _ in range(rounds):
             for name, loop in loops.items():
                 began = time.perf_counter()
                 for _ in range(steps):
-                    loop.train_on_batch(batch)
+                    loop.train_on_batch(batches[name])
                 samples[name].append((time.perf_counter() - began) / steps * 1000)
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -62,7 +62,7 @@ class Counts:
     kept: int = 0  # records already in results.json
 
 
-def _train_once(config: TrainConfig, counts: Counts) -> Tuple[Dict, List[Dict]]:
+def train_once(config: TrainConfig, counts: Counts) -> Tuple[Dict, List[Dict]]:
     """The run's summary and history: trained now, or read from its finished folder."""
     import keras
 
@@ -86,7 +86,7 @@ def _median_step_ms(history: List[Dict], batch_size: int) -> float:
 
 
 def make_record(exercise: Exercise, variant: Variant, config: TrainConfig, counts: Counts) -> Dict:
-    summary, history = _train_once(config, counts)
+    summary, history = train_once(config, counts)
     moving = summary["test_acc_moving_averages"]
     train_acc_eval, params = evaluate_saved_model(config, config.out)
     record = {
@@ -169,7 +169,7 @@ def _time_other_norms(config: ExercisesConfig, out: str) -> None:
         return
     rounds, steps = (1, 2) if config.quick else (7, 20)
     batch_size = next(iter(configs.values())).batch_size
-    times = step_times(configs, batch_size, rounds, steps, config.data_dir)
+    times = step_times(configs, rounds, steps, config.data_dir)
     artifacts.write_json(
         path, {"configs": wanted, "ms_per_step": times, "rounds": rounds, "steps": steps, "batch_size": batch_size}
     )
