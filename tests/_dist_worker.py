@@ -83,14 +83,14 @@ def make_steps(splits, seed):
     return steps
 
 
-def initial_weights(seed):
+def initial_weights(seed, channels=CHANNELS):
     """Non-trivial gamma, beta, moving mean and moving variance."""
     rng = np.random.default_rng(seed)
     return [
-        (1.0 + 0.5 * rng.uniform(size=CHANNELS)).astype("float32"),
-        rng.normal(size=CHANNELS).astype("float32"),
-        rng.normal(size=CHANNELS).astype("float32"),
-        (0.5 + rng.uniform(size=CHANNELS)).astype("float32"),
+        (1.0 + 0.5 * rng.uniform(size=channels)).astype("float32"),
+        rng.normal(size=channels).astype("float32"),
+        rng.normal(size=channels).astype("float32"),
+        (0.5 + rng.uniform(size=channels)).astype("float32"),
     ]
 
 

@@ -8,7 +8,8 @@
   own process group, output to log files; `kill_group(process)` ends the
   group and reaps it; `logs(log)` reads the tails back.
 * `free_ports(count)` on 127.0.0.1 and `tf_configs(workers)`, a
-  `TF_CONFIG` per worker of a local MultiWorkerMirroredStrategy cluster.
+  `TF_CONFIG` per worker of a local MultiWorkerMirroredStrategy cluster;
+  `run_workers(worker_args, folder, ...)` runs such a cluster to the end.
 * `WORKER_ENV`: what a TensorFlow worker process needs on top (GPUs hidden,
   no cluster config inherited from the caller).
 
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
@@ -176,3 +178,39 @@ def tf_configs(workers: int) -> List[str]:
     """One `TF_CONFIG` per worker of a MultiWorkerMirroredStrategy cluster on 127.0.0.1 (worker 0 is the chief)."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
     return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(workers)]
+
+
+def run_workers(
+    worker_args: Sequence[Sequence],
+    folder: Path,
+    env: Env = None,
+    timeout: float = 600,
+    cwds: Optional[Sequence[Union[str, Path]]] = None,
+    merge_stderr: bool = True,
+) -> List[tuple]:
+    """Runs one process per entry of `worker_args` (Python arguments), each with its `TF_CONFIG`, to the end.
+
+    Worker i logs to `folder/worker-i` (`start_python`; `logs()` reads it
+    back) and runs in `cwds[i]` (default: the repository root). Waits for all
+    within `timeout` (plus 30 s), and kills every group still alive when
+    anything goes wrong.
+
+    Returns:
+        `(exit status, log prefix)` per worker.
+    """
+    processes, prefixes = [], []
+    try:
+        for index, (args, config) in enumerate(zip(worker_args, tf_configs(len(worker_args)))):
+            prefixes.append(folder / f"worker-{index}")
+            processes.append(start_python(
+                args, prefixes[-1], env={**(env or {}), "TF_CONFIG": config}, timeout=timeout,
+                cwd=cwds[index] if cwds else None, merge_stderr=merge_stderr,
+            ))  # fmt: skip
+        deadline = time.monotonic() + timeout + 30
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            kill_group(process)
+    return [(process.returncode, prefix) for process, prefix in zip(processes, prefixes)]
+

@@ -22,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+from _dist_worker import distribute, initial_weights, per_replica  # tests/ is this script's folder
 
 MOMENTUM = 0.6
 EPSILON = 1e-3
@@ -51,28 +52,6 @@ def steps_for(replicas, feature_shape, seed):
         ups = [rng.normal(size=(n,) + feature_shape).astype("float32") for n in sizes]
         steps.append((xs, ups))
     return steps
-
-
-def initial_weights(channels, seed):
-    rng = np.random.default_rng(seed)
-    return [
-        (1.0 + 0.5 * rng.uniform(size=channels)).astype("float32"),
-        rng.normal(size=channels).astype("float32"),
-        rng.normal(size=channels).astype("float32"),
-        (0.5 + rng.uniform(size=channels)).astype("float32"),
-    ]
-
-
-def per_replica(strategy, value):
-    return [np.asarray(v) for v in strategy.experimental_local_results(value)]
-
-
-def distribute(strategy, slices):
-    import tensorflow as tf
-
-    return strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.constant(slices[ctx.replica_id_in_sync_group])
-    )
 
 
 def train_step(strategy, layer):
@@ -105,7 +84,7 @@ def run_exact(strategy, seed, results, dtype="float32", cases=CASES, prefix="exa
         channels = ((None,) + feature_shape)[axis]
         for group_size in GROUP_SIZES[replicas]:
             key = f"{prefix}.{case}.g{group_size or replicas}"
-            weights = initial_weights(channels, seed)
+            weights = initial_weights(seed, channels)
             with strategy.scope():
                 layer = kerasbn.BatchNorm(axis=axis, momentum=MOMENTUM, epsilon=EPSILON, synchronized=True,
                                           fused=fused, sync_group_size=group_size, dtype=dtype)

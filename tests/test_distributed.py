@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _procs import WORKER_ENV, kill_group, logs, run_python, start_python, tf_configs
+from _procs import WORKER_ENV, logs, run_python, run_workers
 
 TESTS_DIR = Path(__file__).resolve().parent
 WORKER = TESTS_DIR / "_dist_worker.py"
@@ -515,20 +515,11 @@ def test_multi_worker_mirrored_strategy(tmp_path):
     within its 5 s timeout instead of hanging.
     """
     workers = 2
-    processes = []
-    try:
-        for index, config in enumerate(tf_configs(workers)):
-            args = [WORKER, "multi-worker", "--seed", SEED, "--out", tmp_path / f"worker{index}.npz"]
-            args += ["--chief-alone", CHIEF_ALONE_IDLE_S]
-            processes.append(start_python(args, tmp_path / f"worker{index}", env={**DIST_ENV, "TF_CONFIG": config},
-                                          timeout=180, merge_stderr=True))
-        codes = [process.wait(timeout=200) for process in processes]
-    finally:
-        for process in processes:
-            kill_group(process)
-    if any(codes):
-        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{logs(tmp_path / f'worker{i}', 6000)}"
-                           for i, code in enumerate(codes))
+    worker_args = [[WORKER, "multi-worker", "--seed", SEED, "--out", tmp_path / f"worker{i}.npz",
+                    "--chief-alone", CHIEF_ALONE_IDLE_S] for i in range(workers)]
+    results = run_workers(worker_args, tmp_path, env=DIST_ENV, timeout=180)
+    if any(code for code, _ in results):
+        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{logs(log, 6000)}" for i, (code, log) in enumerate(results))
         pytest.fail(f"MultiWorkerMirroredStrategy workers failed (124/137: timed out)\n{output}")
 
     per_worker = [_load(tmp_path / f"worker{i}.npz") for i in range(workers)]

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _procs import REPO_ROOT, kill_group, logs, run_python, start_python, tf_configs
+from _procs import REPO_ROOT, logs, run_python, run_workers
 
 needs_mkdocs = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("mkdocs", "mkdocstrings_handlers", "material")),
@@ -253,24 +253,13 @@ def test_the_multi_worker_loop_runs_on_one_worker(tmp_path):
 def test_the_multi_worker_loop_runs_on_two_workers(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(_multi_worker_loop())
-    processes, logs_ = [], []
-    try:
-        for index, tf_config in enumerate(tf_configs(2)):
-            folder = tmp_path / f"worker{index}"
-            folder.mkdir()
-            logs_.append(tmp_path / f"worker{index}")
-            processes.append(start_python(
-                [script], logs_[-1], env={"TF_CONFIG": tf_config, "CUDA_VISIBLE_DEVICES": "-1"},
-                timeout=300, cwd=folder, merge_stderr=True,
-            ))  # fmt: skip
-        for process in processes:
-            process.wait(timeout=320)
-    finally:
-        for process in processes:
-            kill_group(process)
-    for index, (process, log) in enumerate(zip(processes, logs_)):
+    folders = [tmp_path / f"worker{index}" for index in range(2)]
+    for folder in folders:
+        folder.mkdir()
+    results = run_workers([[script]] * 2, tmp_path, env={"CUDA_VISIBLE_DEVICES": "-1"}, timeout=300, cwds=folders)
+    for index, (code, log) in enumerate(results):
         output = Path(f"{log}.log").read_text(errors="replace")
-        assert process.returncode == 0, f"worker {index} (exit {process.returncode}):\n{logs(log)}"
+        assert code == 0, f"worker {index} (exit {code}):\n{logs(log)}"
         # Each worker holds one of the 2 replicas' copies, and the handover reached the model's one layer.
         assert "epoch 1: loss" in output and "1 layer(s) handed over" in output, output[-2000:]
     # The chief saved alone; the other worker did not.

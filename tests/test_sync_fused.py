@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _procs import kill_group, logs, run_python, start_python, tf_configs
+from _procs import logs, run_python, run_workers
 from test_distributed import DIST_ENV, _load
 
 pytestmark = pytest.mark.skipif(
@@ -229,19 +229,10 @@ def test_sync_group_size_argument():
 def test_multi_worker_synchronized_fused_and_groups(tmp_path):
     """Two workers on 127.0.0.1: the fused and generic paths, across both and in groups of 1, against float64."""
     workers = 2
-    processes = []
-    try:
-        for index, config in enumerate(tf_configs(workers)):
-            args = [WORKER, "multi-worker", "--out", tmp_path / f"worker{index}.npz"]
-            processes.append(start_python(args, tmp_path / f"worker{index}", env={**DIST_ENV, "TF_CONFIG": config},
-                                          timeout=600, merge_stderr=True))
-        codes = [process.wait(timeout=620) for process in processes]
-    finally:
-        for process in processes:
-            kill_group(process)
-    if any(codes):
-        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{logs(tmp_path / f'worker{i}', 6000)}"
-                           for i, code in enumerate(codes))
+    worker_args = [[WORKER, "multi-worker", "--out", tmp_path / f"worker{i}.npz"] for i in range(workers)]
+    results = run_workers(worker_args, tmp_path, env=DIST_ENV, timeout=600)
+    if any(code for code, _ in results):
+        output = "\n".join(f"--- worker {i} (exit {code}) ---\n{logs(log, 6000)}" for i, (code, log) in enumerate(results))
         pytest.fail(f"MultiWorkerMirroredStrategy workers failed (124/137: timed out)\n{output}")
     merged = {}
     for index in range(workers):

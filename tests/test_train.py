@@ -29,12 +29,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
 
-from _procs import WORKER_ENV, kill_group, logs, run_python, start_python, tf_configs
+from _procs import WORKER_ENV, kill_group, logs, run_python, run_workers, start_python
 from training import data as fmnist
 from training.config import TrainConfig
 from training.train import HISTORY_COLUMNS
@@ -336,36 +336,13 @@ def test_sync_bn_two_replicas_matches_one_replica(runs):
 # ------------------------------------------------------------ multi-worker
 
 
-def _run_workers(tmp_path: Path, worker_args, timeout: float = RUN_TIMEOUT) -> List[Tuple[int, Path]]:
-    """Starts one process per entry of `worker_args` (python args) with its TF_CONFIG.
-
-    Returns `(exit status, log prefix)` per worker; logs in LOG.out/LOG.err (`_procs.start_python`).
-
-    Waits for all; kills every group still alive when anything goes wrong.
-    """
-    configs = tf_configs(len(worker_args))
-    processes, prefixes = [], []
-    try:
-        for index, (args, config) in enumerate(zip(worker_args, configs)):
-            prefix = tmp_path / f"worker-{index}"
-            processes.append(start_python(args, prefix, env={**RUN_ENV, "TF_CONFIG": config}, timeout=timeout))
-            prefixes.append(prefix)
-        deadline = time.monotonic() + timeout + 30
-        for process in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process in processes:
-            kill_group(process)
-    return [(process.returncode, prefix) for process, prefix in zip(processes, prefixes)]
-
-
 @needs_data
 @pytest.mark.slow
 def test_multi_worker_two_processes_end_with_equal_weights(runs, tmp_path):
     out = tmp_path / "run"
     flags = [*SHORT, "--strategy", "multi-worker", "--out", str(out), "--no-export", "--quiet"]
     worker_args = [["tests/_train_worker.py", str(tmp_path / f"weights-{i}.npz"), *flags] for i in range(2)]
-    results = _run_workers(tmp_path, worker_args)
+    results = run_workers(worker_args, tmp_path, env=RUN_ENV, timeout=RUN_TIMEOUT, merge_stderr=False)
     output = "\n".join(logs(prefix) for _, prefix in results)
     assert [code for code, _ in results] == [0, 0], output
     for _, prefix in results:
@@ -408,7 +385,7 @@ def test_multi_worker_two_processes_end_with_equal_weights(runs, tmp_path):
 def test_multi_worker_batch_size_not_divisible(tmp_path):
     out = tmp_path / "run"
     flags = ["-m", "training.train", "--strategy", "multi-worker", "--batch-size", "255", "--out", str(out), "--quiet"]
-    results = _run_workers(tmp_path, [flags, flags], timeout=240)
+    results = run_workers([flags, flags], tmp_path, env=RUN_ENV, timeout=240, merge_stderr=False)
     output = "\n".join(logs(prefix) for _, prefix in results)
     for code, prefix in results:
         assert code == 2, output
