@@ -212,11 +212,15 @@ def test_wheel_ships_the_layer_alone_and_passes_its_tests_installed_with_jax_onl
     for name in [*helpers, *(Path(t).name for t in BACKEND_TESTS)]:
         shutil.copy(REPO_ROOT / "tests" / name, tests / name)
     report = tmp_path / "report.xml"
-    run = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", f"--junitxml={report}",
-         "--rootdir", tests, *(tests / Path(t).name for t in BACKEND_TESTS)],
-        capture_output=True, text=True, timeout=2 * INSTALL_TIMEOUT_S, cwd=tests, env={**env, "KERAS_BACKEND": "jax"},
-    )
+    try:
+        run = subprocess.run(
+            [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", f"--junitxml={report}",
+             "--rootdir", tests, *(tests / Path(t).name for t in BACKEND_TESTS)],
+            capture_output=True, text=True, timeout=2 * INSTALL_TIMEOUT_S, cwd=tests, env={**env, "KERAS_BACKEND": "jax"},
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the backend tests under Python {python_version} timed out after {error.timeout}s:\n"
+                    f"{(error.stdout or b'').decode(errors='replace')[-3000:]}")
     assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
     suite = ElementTree.parse(report).getroot().find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
