@@ -31,7 +31,9 @@ class SyncMovingStatistics(keras.callbacks.Callback):
     in the callback list), when evaluation or prediction begins and when
     training ends, so every replica normalizes with the same statistics and
     every save holds their mean. One batched all-reduce for the whole model
-    each time; without a multi-replica strategy it does nothing.
+    each time; without a multi-replica strategy it does nothing, and on JAX
+    too (`keras.distribution` keeps one replicated copy that every step
+    writes the devices' mean to).
 
     This serves `fit` in one process (`MirroredStrategy`, one device).
     Under `MultiWorkerMirroredStrategy` Keras 3.15's `fit` fails on every

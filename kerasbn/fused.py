@@ -12,8 +12,8 @@ NHWC or NCHW tensor in one kernel. Two conventions of its own:
   clamped epsilon to 1.001e-5. TensorFlow 2.21's wrapper passes epsilon as
   given, and its CPU kernel normalizes with it: with epsilon 1e-7 its output
   matches `(x - mean) / sqrt(variance + 1e-7)` to 1e-7, and is off by 1.6 from
-  the clamped formula, for a variance of 1e-6 (tests/test_layer.py checks the
-  layer). The layer still takes the fused path only for
+  the clamped formula, for a variance of 1e-6 (tests/test_layer_plan.py checks
+  the layer). The layer still takes the fused path only for
   `epsilon >= kerasbn.plan.FUSED_MIN_EPSILON`, so `fused=None` gives the same
   numbers on every device and TensorFlow version.
 

@@ -6,7 +6,7 @@ along, whether the statistics are synchronized across replicas, the type of
 the device the op runs on, and the layer's settings. It returns a `Plan`.
 The numbers it decides by sit below, beside the measurements that set them.
 
-The paths compute the same formulas (tests/test_layer.py checks each against
+The paths compute the same formulas (tests/test_layer_*.py check each against
 float64 NumPy and keras.layers.BatchNormalization); they differ in speed only:
 
 * "fused": TensorFlow's fused batch-norm kernel (`kerasbn/fused.py`), 4-D
