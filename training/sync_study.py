@@ -379,11 +379,16 @@ def plot(path: str, modes: Sequence[Mode], rows: List[Dict]) -> None:
         if timed:
             axes[2].plot([b for b, _ in timed], [ms for _, ms in timed], "o-", markersize=4, label=mode.label)
     axes[2].set_title("training step (ms, interleaved)", fontsize=9)
-    axes[2].set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    batches = sorted({row["batch"] for row in rows})
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("examples per replica in a BN statistic (per-replica batch; ghost: virtual batch)", fontsize=8)
+        ax.set_xticks(batches)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel(f"batch per replica (ghost BN: its virtual batch, at {batches[-1]} per replica)", fontsize=8)
         ax.grid(True, alpha=0.3)
+    axes[2].set_ylim(bottom=0)
     axes[0].set_ylabel("test accuracy (mean, min-max over seeds)")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("LeNet-BN on Fashion-MNIST, 4 replicas, the same training examples per run", fontsize=10)
