@@ -592,6 +592,9 @@ BAD_FLAGS = [
     (["--sync-bn=1"], ["--sync-bn", "'1'"]),
     (["--bias=maybe"], ["--bias", "'maybe'"]),
     (["--affine=0"], ["--affine", "'0'"]),
+    (["--sync-group-size", "0"], ["`--sync-group-size`", "positive integer", "sync_group_size=0"]),
+    (["--sync-group-size", "2"], ["`--sync-group-size`", "--sync-bn", "sync_bn=False"]),
+    (["--virtual-batch-size", "4", "--norm", "keras"], ["`--virtual-batch-size`", "norm='keras'"]),
 ]
 
 
