@@ -66,3 +66,4 @@ def test_custom_loop_mirrored():
 def test_jax_data_parallel():
     out = run_example("jax_data_parallel.py", "jax")
     assert "DataParallel over 2 devices" in out
+    assert len(DIFFERENCE.findall(out)) == 2  # local statistics and synchronized ones, each against one device
