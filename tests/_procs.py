@@ -214,3 +214,13 @@ def run_workers(
             kill_group(process)
     return [(process.returncode, prefix) for process, prefix in zip(processes, prefixes)]
 
+
+def load_module(path: Path, name: str):
+    """A worker script loaded as a module, for its constants and data generators (no `__main__` run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

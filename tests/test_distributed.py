@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _procs import WORKER_ENV, logs, run_python, run_workers
+from _procs import WORKER_ENV, load_module, logs, run_python, run_workers
 
 TESTS_DIR = Path(__file__).resolve().parent
 WORKER = TESTS_DIR / "_dist_worker.py"
@@ -35,15 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_worker_module():
-    """The worker's constants and data generators (it imports only NumPy at module level)."""
-    spec = importlib.util.spec_from_file_location("kerasbn_dist_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker_module()
+worker = load_module(WORKER, "kerasbn_dist_worker")  # it imports only NumPy at module level
 MOMENTUM, EPSILON, LEARNING_RATE = worker.MOMENTUM, worker.EPSILON, worker.LEARNING_RATE
 
 # Float32 distributed results against the float32 single-device layer, and

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _procs import logs, run_python, run_workers
+from _procs import load_module, logs, run_python, run_workers
 from test_distributed import DIST_ENV, _load
 
 pytestmark = pytest.mark.skipif(
@@ -32,14 +32,7 @@ WORKER = Path(__file__).with_name("_sync_worker.py")
 WORKER_TIMEOUT_S = 900
 
 
-def _load_worker_module():
-    spec = importlib.util.spec_from_file_location("kerasbn_sync_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker_module()
+worker = load_module(WORKER, "kerasbn_sync_worker")  # it imports only NumPy at module level
 FLOAT32_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
