@@ -10,6 +10,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
+# Two test processes (pytest-xdist), each taking a whole file at a time (a file's module fixtures are built
+# once): much of a test's time is tracing, process start-up and waits on worker processes, which leave a
+# core idle. `make test XDIST=` runs in one process.
+XDIST ?= -n 2 --dist loadfile
 # The tests of the backend-agnostic core (keras.ops math, the layer, transforms, callbacks): `make test`
 # runs them under TensorFlow with the rest, then again under each other backend.
 BACKEND_TESTS := tests/test_ops.py tests/test_properties.py tests/test_validation.py tests/test_layer_compiled.py tests/test_layer_errors.py tests/test_layer_masks_dtypes.py tests/test_layer_parity.py tests/test_layer_plan.py tests/test_layer_recompute.py tests/test_layer_renorm_ghost.py tests/test_layer_serialization.py tests/test_transforms.py tests/test_experimental.py tests/test_callbacks.py
@@ -54,16 +58,16 @@ train: $(STAMP) data
 # `make test`: everything but the end-to-end runs marked slow (minutes each); `make test-slow` runs
 # those; CI (.ci/run) runs both.
 test: $(STAMP) data
-	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests $(ARGS)
 	@# The layers' math is keras.ops: their tests run under JAX too (exit 5: ARGS selected none of them).
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not slow" $(BACKEND_TESTS) $(ARGS) || [ $$? -eq 5 ]
+	KERAS_BACKEND=jax $(PY) -m pytest -q $(XDIST) -m "not slow" $(BACKEND_TESTS) $(ARGS) || [ $$? -eq 5 ]
 
 test-slow: $(STAMP) data
 	$(PY) -m pytest -q -m slow tests $(ARGS)
 
 # The backend tests under PyTorch (what torch lacks is skipped, naming why: docs/getting-started.md).
 test-torch: $(TORCH_VENV)/.installed
-	KERAS_BACKEND=torch $(TORCH_VENV)/bin/python -m pytest -q -m "not slow" $(BACKEND_TESTS) $(ARGS) || [ $$? -eq 5 ]
+	KERAS_BACKEND=torch $(TORCH_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow" $(BACKEND_TESTS) $(ARGS) || [ $$? -eq 5 ]
 
 # The wheel built and tested under every Python version the package declares (3.11-3.13; part of
 # `make test-slow`): each in a fresh environment with JAX, from pyenv where it is not on PATH.

@@ -24,10 +24,7 @@ SUITE_MODULES = (
 
 
 def load_suites() -> dict:
-    """Imports the suite modules and returns `SUITES`, in the order of `SUITE_MODULES` (the run order).
-
-    Sorted, because a suite module may have been imported earlier for its helpers.
-    """
+    """Imports the suite modules; `SUITES` sorted in the order of `SUITE_MODULES` (the run order)."""
     import importlib
 
     for module in SUITE_MODULES:

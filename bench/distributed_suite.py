@@ -4,6 +4,7 @@ The suite runs this module as its worker (`bench.workers`) under each strategy:
 
     python -m bench.distributed_suite --network resnet50 --json-out mirrored.json  # --replicas 4
     python -m bench.distributed_suite --cluster 127.0.0.1:P0 127.0.0.1:P1 --task 0 --json-out w0.json  # & task 1
+    # --profile: also a TF profile of kerasbn's, kerasbn_sync's and stock_sync's steps, into w0.profile.json
     KERAS_BACKEND=jax python -m bench.distributed_suite --backend jax ...  # --cluster: 2 processes
 
 A worker times the training steps of `VARIANTS` (and on TensorFlow inference)
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import pathlib
 import time
 
 from bench.suites import BenchConfig, SuiteResult, register_suite, timed_records
@@ -27,7 +29,9 @@ from bench.workers import compile_models, configure_devices, free_ports, run_wor
 
 SUITE = "distributed"
 DYNAMIC_SHAPE = (256, 120)
-GROUP_SIZE = 2  # sync_group_size of kerasbn_sync_group: all replicas on 2, groups of 2 on 4
+# kerasbn_sync_group's sync_group_size: 2 replicas, all in one group (the row times the group path's bookkeeping);
+# training.sync_study times groups of 2 on 4 replicas (ResNet50 on 4 replicas here took over 30 minutes to trace).
+GROUP_SIZE = 2
 HOST_DEVICES = "--xla_force_host_platform_device_count"  # XLA_FLAGS: JAX's CPU as several devices
 VARIANTS = {
     "stock_sync": "keras.layers.BatchNormalization(synchronized=True) in every batch norm (the reference)",
@@ -58,18 +62,16 @@ def run_distributed(config: BenchConfig, previous) -> SuiteResult:
         return run_workers(__name__, [[*arguments, *addresses, "--task", task] for task in (0, 1)], timeout_s, env)[0]
 
     records = run_worker(__name__, mirrored, timeout_s) + cluster(tf_args)
-    if not config.quick:  # groups of 2 on 4 logical CPU devices
-        records += run_worker(__name__, [*mirrored, "--replicas", 4], timeout_s)
     records += run_worker(__name__, jax_args, timeout_s, {**jax_env, "XLA_FLAGS": f"{HOST_DEVICES}=2"})
     dynamic = measure_dynamic_batch(config.repeats_or(full=15, quick=3), 0.05 if config.quick else 0.2)
     records += cluster(jax_args, jax_env) + dynamic
     notes = [
         f"TensorFlow: {network}, {size}x{size}x3, global batch {batch}; JAX: {jax_size}x{jax_size}x3, global batch "
         f"{jax_batch}; weights=None, 10 classes, SGD(0.01), float32, synthetic images. TensorFlow training step: "
-        "model.train_step in strategy.run in a tf.function, jit_compile=False (fit's step "
-        "without the logs' reduction, which fails under MWMS in Keras 3.15); inference: model(x, training=False) in "
-        "strategy.run, each replica on batch / replicas images. MirroredStrategy: one process, 2 (full run: and 4) "
-        "logical CPU devices; MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1, the chief's times.",
+        "model.train_step in strategy.run in a tf.function, jit_compile=False (fit's step without the logs' "
+        "reduction, which fails under MWMS in Keras 3.15); inference: model(x, training=False) in strategy.run, each "
+        "replica on batch / replicas images. MirroredStrategy: one process, 2 logical CPU devices; "
+        "MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1, the chief's times.",
         "JAX: keras.distribution.DataParallel, model.train_on_batch (jit) per call; 2 host devices in one process "
         f"({HOST_DEVICES}=2), and 2 processes of one device each (jax.distributed, gloo), each feeding half the batch.",
         f"Within a process the variants are timed interleaved: a first call (traced), a warm-up, {repeats} rounds.",
@@ -192,7 +194,14 @@ def measure(args: argparse.Namespace) -> list:
         counts[key] = dict(cross_replica_calls=sum(calls.values()), first_call_s=time.perf_counter() - start,
                            collectives=None if sum(calls.values()) and not ops else ops)  # fmt: skip
     strategy_name = "MultiWorkerMirroredStrategy" if args.cluster else type(strategy).__name__
-    return _records(models, steps, counts, args, f"{kind}/", strategy_name, replicas, len(args.cluster or [None]))
+    records = _records(models, steps, counts, args, f"{kind}/", strategy_name, replicas, len(args.cluster or [None]))
+    if args.profile:  # where the time goes; every worker profiles its own steps (their collectives pair up)
+        from bench.profile import profile_step
+
+        variants = ("kerasbn", "kerasbn_sync", "stock_sync")
+        profiles = {v: profile_step(models[v], steps["train_step", v], 4) for v in variants}
+        pathlib.Path(args.json_out).with_suffix(".profile.json").write_text(json.dumps(profiles, indent=1))
+    return records
 
 
 def measure_jax(args: argparse.Namespace) -> list:
@@ -259,4 +268,4 @@ def _records(models, steps, counts, args, prefix, strategy, replicas, workers, j
 
 if __name__ == "__main__":  # --cluster: host:port of every worker (MWMS or JAX processes); --task: this one's index
     serve(measure, backend="tensorflow", network="resnet50", image_size=112, batch=32, repeats=8, min_repetition_s=0.5,
-          replicas=2, cluster=[], task=0)  # fmt: skip
+          replicas=2, cluster=[], task=0, profile=False)  # fmt: skip

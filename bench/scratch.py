@@ -48,12 +48,11 @@ class ScratchBatchNorm(keras.layers.Layer):
 
     def call(self, inputs, training=False):
         if training:
-            batch_mean = tf.reduce_mean(inputs, self._reduce_axes, keepdims=True)
-            deviation = tf.math.squared_difference(inputs, tf.stop_gradient(batch_mean))
-            batch_variance = tf.reduce_mean(deviation, self._reduce_axes, keepdims=True)
-            self.assign_moving_average(self.moving_mean, tf.reshape(batch_mean, [-1]))
-            self.assign_moving_average(self.moving_variance, tf.reshape(batch_variance, [-1]))
-            mean, variance = batch_mean, batch_variance
+            mean = tf.reduce_mean(inputs, self._reduce_axes, keepdims=True)
+            deviation = tf.math.squared_difference(inputs, tf.stop_gradient(mean))
+            variance = tf.reduce_mean(deviation, self._reduce_axes, keepdims=True)
+            self.assign_moving_average(self.moving_mean, tf.reshape(mean, [-1]))
+            self.assign_moving_average(self.moving_variance, tf.reshape(variance, [-1]))
         else:
             mean, variance = (tf.reshape(v, self._param_shape) for v in (self.moving_mean, self.moving_variance))
         gamma, beta = (tf.reshape(v, self._param_shape) for v in (self.gamma, self.beta))

@@ -58,13 +58,9 @@ def run_workers(module: str, argument_lists, timeout_s: float, env: Optional[dic
 
 
 def serve(measure: Callable[[argparse.Namespace], list], **defaults) -> None:
-    """A worker's `__main__`: writes `measure(args)`'s records to `--json-out`.
-
-    `args` holds one `--name value` option per keyword of `defaults`, of the
-    default's type (a flag for False, several values for a list). Exits at
-    once after writing: TensorFlow's native teardown after a distributed run
-    can hang for minutes.
-    """
+    """A worker's `__main__`: writes `measure(args)`'s records to `--json-out`; `args` has a `--name value` per
+    keyword of `defaults`, of its type (a flag for False, several values for a list). Exits at once after writing:
+    TensorFlow's native teardown after a distributed run can hang for minutes."""
     parser = argparse.ArgumentParser()
     for name, default in {**defaults, "json_out": ""}.items():
         flag = "--" + name.replace("_", "-")

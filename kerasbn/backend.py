@@ -8,6 +8,9 @@ on the TensorFlow backend, so `import kerasbn` on JAX never loads it.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import keras
 
 
@@ -66,3 +69,21 @@ def device_type(inputs=None) -> str:
         if kind:
             return kind.upper()
     return "GPU" if has_gpu() else "CPU"
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_enabled() -> bool:
+    """Whether TensorFlow's CPU kernels run on oneDNN in this process (TensorFlow backend only).
+
+    TensorFlow turns oneDNN on by default on some x86 CPUs only (those with
+    AVX-512, in TensorFlow 2.21), and `TF_ENABLE_ONEDNN_OPTS` overrides the
+    default; it is read once, when TensorFlow starts. The fused batch-norm
+    kernel's CPU speed in NCHW depends on it (`kerasbn.plan`). Where the
+    private probe is missing, the environment variable is read, and oneDNN is
+    taken as on unless it says "0".
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+    return bool(_pywrap_util_port.IsMklEnabled())

@@ -20,7 +20,7 @@ from keras import constraints, initializers, ops, regularizers
 
 from kerasbn import ops as bn_ops
 from kerasbn import plan as path_plan
-from kerasbn.backend import device_type, is_tensorflow, require_tensorflow, tensorflow
+from kerasbn.backend import device_type, is_tensorflow, onednn_enabled, require_tensorflow, tensorflow
 from kerasbn.replicas import (
     check_distributed,
     moving_statistics_aggregation,
@@ -666,7 +666,9 @@ class BatchNorm(keras.layers.Layer):
                 stacklevel=2,
             )
 
-    def _plan(self, inputs, training: bool, masked: bool = False, device: Optional[str] = None) -> Plan:
+    def _plan(
+        self, inputs, training: bool, masked: bool = False, device: Optional[str] = None, onednn: Optional[bool] = None
+    ) -> Plan:
         """The path this call takes: `kerasbn.plan.plan` with what the layer knows.
 
         Args:
@@ -677,9 +679,13 @@ class BatchNorm(keras.layers.Layer):
             device: The device type the op runs on ("CPU", "GPU", ...); None
                 asks TensorFlow (`kerasbn.backend.device_type`). Tests pin it
                 to check a device's rule on any machine.
+            onednn: Whether TensorFlow's CPU kernels run on oneDNN; None asks
+                TensorFlow (`kerasbn.backend.onednn_enabled`). Tests pin it too.
         """
         if device is None:
             device = device_type(inputs) if is_tensorflow() else "CPU"
+        if onednn is None:
+            onednn = is_tensorflow() and device.upper() == "CPU" and onednn_enabled()
         return path_plan.plan(
             inputs.shape,
             inputs.dtype,
@@ -693,6 +699,7 @@ class BatchNorm(keras.layers.Layer):
             cross_replica=training and self._cross_replica(),
             device=device.upper(),
             backend=keras.backend.backend(),
+            onednn=onednn,
         )
 
     def _cross_replica(self) -> bool:

@@ -53,7 +53,13 @@ FUSED_MIN_EPSILON = 1.001e-5
 # where the channel count is a multiple of 4 (4 to 32 measured) and 1.5-2.4x
 # slower otherwise (1, 2, 3, 5, 6, 7, 10; 256x24x24x6: fused 1.93x of keras,
 # widened 0.41x). NCHW: the kernel won at every count measured (256x24x24x6
-# 0.87x, generic 0.96x), so NCHW has no threshold.
+# 0.87x, generic 0.96x), so NCHW has no threshold, where TensorFlow runs its
+# CPU kernels on oneDNN. Without oneDNN (TensorFlow's default on CPUs without
+# AVX-512, such as this project's machine in the 2026-12-04 run of
+# `python -m bench`, commit 9b860eb) the NCHW kernel lost at 3 of the 4 shapes:
+# train step relative to keras, fused / generic, 256x24x24x6 3.35x / 1.10x,
+# 128x56x56x64 1.25x / 1.07x, 64x28x28x256 1.11x / 1.05x, 256x8x8x16 1.10x /
+# 1.25x; there NCHW takes the generic path.
 FUSED_NHWC_CHANNEL_MULTIPLE = 4
 # Training, other ranks viewed as (-1, 1, 1, C): the kernel carries a fixed
 # cost of about 0.3 ms per call that pays from ~1e5 elements (256x120 1.7x
@@ -170,6 +176,7 @@ def plan(
     cross_replica: bool = False,
     device: str = "CPU",
     backend: str = "tensorflow",
+    onednn: bool = True,
 ) -> Plan:
     """The path one call takes.
 
@@ -185,6 +192,9 @@ def plan(
             kernels around two all-reduces; NHWC only).
         device: The type of the device the op runs on, "CPU", "GPU", ...
         backend: The Keras backend; all but "tensorflow" take the generic path.
+        onednn: Whether TensorFlow's CPU kernels run on oneDNN
+            (`kerasbn.backend.onednn_enabled`); without it the NCHW kernel is
+            not taken on CPU.
 
     Returns:
         A `Plan`.
@@ -244,8 +254,8 @@ def plan(
             return Plan("fused", f"CPU, synchronized, {layout}: the inference-mode kernels were faster or level", layout=layout)
         if not cpu and rank == 4:
             return Plan("fused", f"{device}, 4-D {layout}: the fused kernel, as TensorFlow's own layer", layout=layout)
-        if cpu and layout == "NCHW":
-            return Plan("fused", "CPU, NCHW: the kernel was faster at every channel count measured", layout=layout)
+        if cpu and layout == "NCHW" and onednn:
+            return Plan("fused", "CPU (oneDNN), NCHW: the kernel was faster at every channel count measured", layout=layout)
         if cpu and rank == 4 and shape[3] is not None and shape[3] % FUSED_NHWC_CHANNEL_MULTIPLE == 0:
             return Plan("fused", f"CPU, NHWC, channels a multiple of {FUSED_NHWC_CHANNEL_MULTIPLE}", layout=layout)
         if cpu and rank != 4 and _fused_pays_on_cpu(shape):
@@ -260,6 +270,8 @@ def plan(
     if blocker is None:
         if fused is False:
             blocker = "fused=False"
+        elif cpu and layout == "NCHW":
+            blocker = "CPU without oneDNN, NCHW: the fused kernel measured slower"
         elif cpu:
             blocker = "the fused kernel measured slower on CPU here"
         else:

@@ -126,6 +126,7 @@ def traced_op_types(layer, x, mask=None):
 FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 
 
-def plan_of(layer, shape, dtype, training, masked=False, device=None):
-    """The layer's path plan for inputs of this static shape and dtype (device None: this machine's)."""
-    return layer._plan(keras.KerasTensor(shape, dtype=dtype), training=training, masked=masked, device=device)
+def plan_of(layer, shape, dtype, training, masked=False, device=None, onednn=None):
+    """The layer's path plan for inputs of this static shape and dtype (device, onednn None: this machine's)."""
+    tensor = keras.KerasTensor(shape, dtype=dtype)
+    return layer._plan(tensor, training=training, masked=masked, device=device, onednn=onednn)

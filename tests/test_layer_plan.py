@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from conftest import np_batch_norm, np_batch_norm_grads, np_batch_norm_train, tf_only, to_numpy
+from _procs import run_python
 from _layer_helpers import (
     FUSED_OPS,
     assert_stats_close,
@@ -67,9 +68,13 @@ from kerasbn import BatchNorm
 )
 def test_fused_is_used_exactly_where_exact(rng, shape, kwargs, dtype, masked, on_cpu, on_gpu):
     layer = build(BatchNorm(dtype=dtype, **kwargs), shape)
-    # The CPU rule, pinned, so the expectation holds on a machine with a GPU too.
-    plan = plan_of(layer, shape, dtype, training=True, masked=masked, device="CPU")
+    # The CPU rule (oneDNN on, TensorFlow's default on AVX-512 CPUs), pinned, so the expectation holds on
+    # any machine; without oneDNN the NCHW kernel is not taken (the plan's figures), the rest is the same.
+    plan = plan_of(layer, shape, dtype, training=True, masked=masked, device="CPU", onednn=True)
     assert (plan.path == "fused") == on_cpu, plan
+    plain = plan_of(layer, shape, dtype, training=True, masked=masked, device="CPU", onednn=False)
+    nchw_by_choice = len(shape) == 4 and kwargs.get("axis") == 1 and kwargs.get("fused") is None
+    assert (plain.path == "fused") == (on_cpu and not nchw_by_choice), plain
     # On a GPU the rule takes the fused kernel where TensorFlow's own layer did
     # (4-D inputs the kernel can take), and anything else only on request.
     gpu_plan = plan_of(layer, shape, dtype, training=True, masked=masked, device="GPU")
@@ -353,3 +358,19 @@ def test_the_plan_is_a_pure_function_of_what_the_layer_knows(device, shape, trai
     assert plan(shape, "float32", training=training, feature_axes=(len(shape) - 1,), backend="jax").path == "generic"
     with pytest.raises(ValueError, match=re.escape("`fused=True` cannot take the fused kernel here: a mask.")):
         plan(shape, "float32", training=True, feature_axes=(len(shape) - 1,), fused=True, masked=True)
+
+
+@tf_only
+@pytest.mark.parametrize("onednn, nchw_path", [("0", "generic"), ("1", "fused")])
+def test_the_nchw_rule_follows_onednn(onednn, nchw_path):
+    # TF_ENABLE_ONEDNN_OPTS is read once, when TensorFlow starts: a fresh process each.
+    code = """
+        import keras, kerasbn
+        from kerasbn.backend import onednn_enabled
+        layer = kerasbn.BatchNorm(axis=1)
+        layer.build((8, 6, 5, 5))
+        plan = layer._plan(keras.KerasTensor((8, 6, 5, 5)), training=True, device="CPU")
+        print(onednn_enabled(), plan.path, plan.reason)
+    """
+    printed = run_python(code, env={"TF_ENABLE_ONEDNN_OPTS": onednn, "KERAS_BACKEND": "tensorflow"}).stdout.split()
+    assert printed[:2] == [str(onednn == "1"), nchw_path], printed
