@@ -197,10 +197,10 @@ def measure(args: argparse.Namespace) -> list:
     records = _records(models, steps, counts, args, f"{kind}/", strategy_name, replicas, len(args.cluster or [None]))
     if args.profile:  # where the time goes, on the chief (the profiler on both workers crashed one: 2026-12-04)
         from bench.profile import profile_step
-
         run = profile_step if args.task == 0 else lambda model, call, steps: [call() for _ in range(steps)]
         profiles = {v: run(models[v], steps["train_step", v], 4) for v in ("kerasbn", "kerasbn_sync", "stock_sync")}
-        pathlib.Path(args.json_out).with_suffix(".profile.json").write_text(json.dumps(profiles, default=str))
+        if args.task == 0:  # the other worker only ran the steps its collectives pair with
+            pathlib.Path(args.json_out).with_suffix(".profile.json").write_text(json.dumps(profiles))
     return records
 
 

@@ -685,7 +685,7 @@ class BatchNorm(keras.layers.Layer):
         if device is None:
             device = device_type(inputs) if is_tensorflow() else "CPU"
         if onednn is None:
-            onednn = is_tensorflow() and device.upper() == "CPU" and onednn_enabled()
+            onednn = is_tensorflow() and onednn_enabled()  # the plan reads it for CPUs only
         return path_plan.plan(
             inputs.shape,
             inputs.dtype,
